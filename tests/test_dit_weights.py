@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from test_dit import inputs, make_model
 
-from causvid.models.weights import (WeightsError, dit_to_diffusers_key, load_dit, load_pth, save_dit)
+from causvid.models.weights import WeightsError, dit_to_diffusers_key, load_dit, load_pth, save_dit
 
 
 def _write_official(folder, model, diffusers=False, shards=1):

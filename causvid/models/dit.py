@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-from causvid.models.attention import ChunkLayout, CrossAttnCache, KVCache, flex_chunk_attention, sdpa, token_chunk_mask
+from causvid.models.attention import (
+    ChunkLayout,
+    CrossAttnCache,
+    KVCache,
+    flex_chunk_attention,
+    sdpa,
+    token_chunk_mask,
+)
 from causvid.models.registry import DiTConfig
 
 

@@ -5,7 +5,7 @@ Only plain dataclasses here (no torch import), so configs can be validated befor
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Tuple
 
 
