@@ -49,7 +49,8 @@ class VAEConfig:
 
 @dataclass
 class TextConfig:
-    kind: str = "toy"  # toy | umt5
+    kind: str = "toy"  # toy | umt5 | tiny-umt5
+    dtype: Optional[str] = None  # float32 | bfloat16; None: bf16 for umt5 (as the official pipeline), fp32 otherwise
     path: Optional[str] = None  # umT5 weights (.pth) or the toy encoder's safetensors
     tokenizer_path: Optional[str] = None  # folder with tokenizer.json (google/umt5-xxl)
     offload_after_encode: bool = True  # release / move to CPU once prompts are encoded
@@ -177,6 +178,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "vae.size": ("tiny", "toy", "wan2.1"),
     "text.kind": ("toy", "umt5", "tiny-umt5"),
+    "text.dtype": ("float32", "bfloat16"),
     "data.source": ("toyworld", "videos", "latents", "ode_pairs", "prompts"),
     "train.stage": ("teacher", "causal_teacher", "ode", "dmd"),
     "train.mixed_precision": ("no", "bf16"),
