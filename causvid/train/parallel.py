@@ -1,0 +1,218 @@
+"""Distribution policy: the only module that knows DDP vs FSDP2 and activation checkpointing (DESIGN.md section 6).
+
+The trainer calls these helpers and never branches on the distributed type itself.
+
+* **Single process / DDP** (CPU gloo in tests, GPUs with ``configs/accelerate/1gpu.yaml`` or a plain
+  ``--multi_gpu`` launch): every trainable is wrapped by ``accelerator.prepare(module, optimizer)``
+  separately (one DDP wrapper per trainable, so the generator and the critic reduce their own
+  gradients on their own backward passes); frozen modules are moved to the device, ``eval()``, with
+  ``requires_grad`` off. State dicts are full on every rank; the main process writes them.
+* **FSDP2** (``configs/accelerate/8gpu_fsdp.yaml``: ``fsdp_version: 2``, wrap class ``DiTBlock``,
+  bf16): accelerate shards each trainable (one ``prepare(module, optimizer)`` per trainable, as
+  accelerate's FSDP2 path handles one model per call). Frozen modules have no optimizer, which
+  accelerate's FSDP2 ``prepare`` refuses, so they are sharded here with ``fully_shard`` per
+  ``DiTBlock`` and at the root. Full (unsharded) model / optimizer state dicts are gathered with
+  ``torch.distributed.checkpoint.state_dict`` (a collective: every rank calls it) onto the CPU of rank 0.
+  Gradient accumulation turns the reduce-scatter off with ``set_requires_gradient_sync(False)`` on
+  all but the last micro-batch. This path needs GPUs and is not exercised by the CPU test suite.
+* **Activation checkpointing** per DiT block: ``WanDiT.gradient_checkpointing = True`` (non-reentrant
+  ``torch.utils.checkpoint`` around each block, compatible with DDP and FSDP2); modules without that
+  flag but with a ``blocks`` ``ModuleList`` get torch's ``checkpoint_wrapper`` on each block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "make_accelerator", "is_fsdp", "set_activation_checkpointing", "prepare_trainable", "prepare_frozen",
+    "no_sync", "unwrap", "full_tensor", "model_state_dict", "optimizer_state_dict", "load_optimizer_state",
+    "clip_grad_norm", "all_reduce_sum", "all_reduce_max", "barrier",
+]
+
+
+def _world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(cfg, *, find_unused_parameters: bool = False, log_with: Optional[str] = None, project_dir=None):
+    """The ``Accelerator`` for a run: mixed precision from ``cfg.train.mixed_precision``.
+
+    Without CUDA, a multi-process launch (``accelerate launch --multi_gpu --num_processes N`` or
+    ``torchrun``) sets ``WORLD_SIZE > 1`` but accelerate only initialises gloo when told ``cpu=True``,
+    so we pass it; a single process without CUDA also runs on the CPU. Gradient accumulation is done
+    by the trainer itself (several models, one optimizer each), so accelerate's counter stays at 1.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = not torch.cuda.is_available()
+    kwargs = dict(
+        cpu=cpu,
+        mixed_precision=str(cfg.train.mixed_precision),
+        gradient_accumulation_steps=1,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+    if log_with:
+        kwargs.update(log_with=log_with, project_dir=project_dir)
+    return Accelerator(**kwargs)
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def set_activation_checkpointing(module: nn.Module, enabled: bool) -> None:
+    """Per-block activation checkpointing (``cfg.model.gradient_checkpointing``)."""
+    if hasattr(module, "gradient_checkpointing"):
+        module.gradient_checkpointing = bool(enabled)
+        return
+    blocks = getattr(module, "blocks", None)
+    if enabled and isinstance(blocks, nn.ModuleList):
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            CheckpointImpl,
+            checkpoint_wrapper,
+        )
+
+        for i, blk in enumerate(blocks):
+            if not type(blk).__name__.startswith("CheckpointWrapper"):
+                blocks[i] = checkpoint_wrapper(blk, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def prepare_trainable(accelerator, module: nn.Module, optimizer: torch.optim.Optimizer):
+    """Wrap one trainable and its optimizer (DDP / FSDP2 / nothing), one ``prepare`` call per model."""
+    module.train()
+    return accelerator.prepare(module, optimizer)
+
+
+def _block_classes(module: nn.Module) -> tuple[type, ...]:
+    blocks = getattr(module, "blocks", None)
+    return tuple({type(b) for b in blocks}) if isinstance(blocks, nn.ModuleList) else ()
+
+
+def prepare_frozen(accelerator, module: nn.Module) -> nn.Module:
+    """A frozen module on the device: ``eval()``, no gradients; networks with ``blocks`` sharded per block
+    under FSDP2 (the others, e.g. a VAE, replicated). Objects that are not modules pass through."""
+    if not isinstance(module, nn.Module):
+        return module
+    module.eval().requires_grad_(False)
+    if is_fsdp(accelerator) and accelerator.num_processes > 1 and _block_classes(module):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        module.to(accelerator.device)
+        mp = None
+        if str(accelerator.mixed_precision) == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw = {"mp_policy": mp} if mp is not None else {}
+        classes = _block_classes(module)
+        for sub in module.modules():
+            if isinstance(sub, classes):
+                fully_shard(sub, **kw)
+        fully_shard(module, **kw)
+        return module
+    return module.to(accelerator.device)
+
+
+@contextlib.contextmanager
+def no_sync(accelerator, wrapped: nn.Module) -> Iterator[None]:
+    """No gradient reduction for this micro-batch (all but the last of a gradient-accumulation group)."""
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(wrapped):
+            yield
+
+
+def unwrap(accelerator, wrapped: nn.Module) -> nn.Module:
+    """The user's module inside a DDP / compile wrapper (same parameters)."""
+    return accelerator.unwrap_model(wrapped)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor shard gathered to the full tensor (collective); plain tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def model_state_dict(accelerator, wrapped: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict on the CPU (names of the unwrapped module). Collective under FSDP.
+
+    Under FSDP only the main process gets the tensors (others get ``{}``).
+    """
+    if is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(accelerator, wrapped).state_dict().items()}
+
+
+def _inner_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (itself an Optimizer subclass)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_state_dict(accelerator, wrapped: nn.Module, optimizer) -> dict:
+    """The optimizer state (full; on the main process under FSDP). Collective under FSDP."""
+    if is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(wrapped, _inner_optimizer(optimizer),
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(accelerator, wrapped: nn.Module, optimizer, state: dict) -> None:
+    """Restore an optimizer state written by :func:`optimizer_state_dict` (every rank passes it)."""
+    if is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(wrapped, _inner_optimizer(optimizer), state,
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)
+
+
+def clip_grad_norm(accelerator, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
+    """Total gradient norm (before clipping) as a float32 scalar tensor; clips to ``max_norm`` if > 0.
+
+    Parameters without a gradient are skipped; a module with no gradient at all has norm 0.
+    """
+    params = [p for p in wrapped.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros((), device=accelerator.device)
+    limit = float(max_norm) if max_norm and max_norm > 0 else float("inf")
+    norm = accelerator.clip_grad_norm_(params, limit) if is_fsdp(accelerator) else torch.nn.utils.clip_grad_norm_(params, limit)
+    return full_tensor(norm).detach().float()
+
+
+def all_reduce_sum(accelerator, t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (identity with one process)."""
+    if accelerator.num_processes > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(accelerator, t: torch.Tensor) -> torch.Tensor:
+    """Max over processes (identity with one process)."""
+    if accelerator.num_processes > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def barrier(accelerator) -> None:
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
