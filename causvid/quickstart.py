@@ -1,0 +1,325 @@
+"""The embedded default end to end: toy world -> VAE -> teacher -> ODE pairs -> ODE init -> DMD -> streamed samples.
+
+Every stage runs the same scripts a user runs (``scripts/train_vae.py``, ``encode_latents.py``, ``train_teacher.py``,
+``build_ode_pairs.py``, ``train_ode.py``, ``train_dmd.py``) with the toy configs in ``configs/toy/``, as subprocesses,
+so the quickstart is exactly the documented pipeline with fewer steps. A finished stage is skipped on a re-run
+(its output file exists); an interrupted training stage resumes from its last checkpoint.
+
+The run folder gets: videos (mp4 + gif), a metrics table (ground truth, teacher, ODE-init student, DMD student),
+loss plots, a latency / throughput comparison of teacher and student, and ``index.md`` / ``index.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+CONFIGS = REPO / "configs" / "toy"
+
+
+@dataclass(frozen=True)
+class Preset:
+    vae_steps: int
+    num_videos: int  # toy-world videos encoded to latent shards (the teacher's training set)
+    teacher_steps: int
+    ode_pairs: int
+    ode_steps: int
+    dmd_steps: int
+    eval_videos: int
+    teacher_eval_steps: int  # ODE steps of the teacher when sampled for evaluation
+    batch_size: int = 8
+    checkpoint_every: int = 200
+
+
+PRESETS = {
+    # CI: proves the whole chain runs; the numbers mean nothing.
+    "smoke": Preset(vae_steps=6, num_videos=16, teacher_steps=6, ode_pairs=8, ode_steps=4, dmd_steps=5,
+                    eval_videos=2, teacher_eval_steps=6, batch_size=4, checkpoint_every=1000),
+    "fast": Preset(vae_steps=150, num_videos=256, teacher_steps=400, ode_pairs=48, ode_steps=120, dmd_steps=100,
+                   eval_videos=8, teacher_eval_steps=50),
+    "default": Preset(vae_steps=600, num_videos=1024, teacher_steps=2500, ode_pairs=256, ode_steps=600,
+                      dmd_steps=500, eval_videos=24, teacher_eval_steps=50),
+}
+
+
+class Pipeline:
+    def __init__(self, root: str, preset: str, device: str = "cpu", log=print):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; valid: {sorted(PRESETS)}")
+        self.root = Path(root).resolve()
+        self.preset_name = preset
+        self.p = PRESETS[preset]
+        self.device = device
+        self.log = log
+        self.times: dict[str, float] = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ paths and shared overrides
+    def path(self, *parts: str) -> str:
+        return str(self.root.joinpath(*parts))
+
+    def common(self) -> list[str]:
+        return [f"vae.path={self.path('vae', 'vae.safetensors')}",
+                f"text.path={self.path('text', 'text_encoder.safetensors')}",
+                f"train.batch_size={self.p.batch_size}", f"train.checkpoint_every={self.p.checkpoint_every}"]
+
+    def _run(self, name: str, script: str, args: list[str], done: str) -> None:
+        """Run one stage as a subprocess unless ``done`` exists."""
+        if os.path.exists(done):
+            self.log(f"[{name}] done already ({os.path.relpath(done, self.root)}), skipping")
+            return
+        cmd = [sys.executable, str(SCRIPTS / script), *args]
+        self.log(f"[{name}] {' '.join(cmd[1:])}")
+        t0 = time.perf_counter()
+        env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
+        subprocess.run(cmd, check=True, cwd=str(REPO), env=env)
+        self.times[name] = time.perf_counter() - t0
+        if not os.path.exists(done):
+            raise RuntimeError(f"stage {name} finished but {done} is missing")
+
+    # ------------------------------------------------------------------ stages
+    def text_encoder(self) -> None:
+        path = self.path("text", "text_encoder.safetensors")
+        if os.path.exists(path):
+            return
+        from causvid.models.text import ToyTextEncoder
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ToyTextEncoder(seed=0).save(path)  # frozen, deterministic from its seed (docs/text.md)
+
+    def vae(self) -> None:
+        self._run("vae", "train_vae.py", ["--config", str(CONFIGS / "vae.yaml"), "--output", self.path("vae"),
+                                          "--steps", str(self.p.vae_steps)], self.path("vae", "vae.safetensors"))
+
+    def latents(self) -> None:
+        self._run("latents", "encode_latents.py",
+                  ["--config", str(CONFIGS / "teacher.yaml"), "--out", self.path("latents"), "--source", "toyworld",
+                   "--num-videos", str(self.p.num_videos), "--shard-size", str(max(8, self.p.num_videos // 8)),
+                   *self.common()], self.path("latents", "index.json"))
+
+    def train(self, name: str, script: str, config: str, steps: int, extra: list[str]) -> None:
+        out = self.path(name)
+        self._run(name, script, ["--config", str(CONFIGS / config), *self.common(), f"train.output_dir={out}",
+                                 f"train.max_steps={steps}", *extra], os.path.join(out, "final", "model.safetensors"))
+
+    def teacher(self) -> None:
+        self.train("teacher", "train_teacher.py", "teacher.yaml", self.p.teacher_steps,
+                   [f"data.path={self.path('latents')}"])
+
+    def ode_pairs(self) -> None:
+        self._run("ode_pairs", "build_ode_pairs.py",
+                  ["--config", str(CONFIGS / "ode_pairs.yaml"), "--out", self.path("ode_pairs"), *self.common(),
+                   f"train.teacher_path={self.path('teacher', 'final')}", f"ode_pairs.output_dir={self.path('ode_pairs')}",
+                   f"ode_pairs.num_prompts={self.p.ode_pairs}", f"ode_pairs.shard_size={max(8, self.p.ode_pairs // 4)}"],
+                  self.path("ode_pairs", "index.json"))
+
+    def ode(self) -> None:
+        self.train("ode", "train_ode.py", "ode.yaml", self.p.ode_steps,
+                   [f"data.path={self.path('ode_pairs')}", f"train.init_from={self.path('teacher', 'final')}"])
+
+    def dmd(self) -> None:
+        self.train("dmd", "train_dmd.py", "dmd.yaml", self.p.dmd_steps,
+                   [f"data.path={self.path('latents')}", f"train.init_from={self.path('ode', 'final')}",
+                    f"train.teacher_path={self.path('teacher', 'final')}"])
+
+    # ------------------------------------------------------------------ evaluation and report
+    def evaluate(self) -> dict:
+        out_json = self.path("metrics.json")
+        if os.path.exists(out_json):
+            with open(out_json) as f:
+                return json.load(f)
+        from causvid.config import load_config
+        from causvid.eval import toy_eval as E
+        from causvid.video_io import write_gif, write_mp4
+
+        cfg = load_config(str(CONFIGS / "teacher.yaml"), self.common())
+        fps = cfg.data.fps
+        n = self.p.eval_videos
+        prompts, gt = E.heldout_set(n, cfg)
+        seeds = list(range(1000, 1000 + n))
+        results, videos, timing = {}, {}, {}
+        results["ground truth"] = E.score(gt, prompts, fps)
+        videos["ground_truth"] = gt
+        self.log(f"[eval] teacher: {self.p.teacher_eval_steps} steps x CFG on {n} prompts")
+        teacher = E.TeacherRunner(self.path("teacher", "final"), device=self.device)
+        v, tm = teacher.generate(prompts, seeds, num_steps=self.p.teacher_eval_steps,
+                                 guidance=float(cfg.ode_pairs.guidance))
+        results[f"teacher ({self.p.teacher_eval_steps} steps, CFG)"] = E.score(v, prompts, fps)
+        videos["teacher"], timing["teacher"] = v, tm.seconds / n
+        del teacher
+        for name, folder in (("ODE-init student", "ode"), ("DMD student", "dmd")):
+            self.log(f"[eval] {name}")
+            st = E.StudentRunner(self.path(folder, "final"), device=self.device)
+            v, tm = st.generate(prompts, seeds)
+            results[f"{name} ({len(st.sampler.steps)} steps/chunk)"] = E.score(v, prompts, fps)
+            videos[folder], timing[folder] = v, tm.seconds / n
+        vid_dir = self.path("videos")
+        os.makedirs(vid_dir, exist_ok=True)
+        for key, vs in videos.items():
+            for i, vid in enumerate(vs[: min(4, n)]):
+                write_mp4(os.path.join(vid_dir, f"{key}_{i}.mp4"), vid, fps)
+                write_gif(os.path.join(vid_dir, f"{key}_{i}.gif"), vid, fps)
+        latency = self.latency()
+        summary = {"preset": self.preset_name, "prompts": prompts, "metrics": results,
+                   "seconds_per_video": timing, "latency": latency}
+        with open(out_json + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+        os.replace(out_json + ".tmp", out_json)
+        return summary
+
+    def latency(self) -> dict:
+        """First-chunk latency and throughput of the DMD student vs the 50-step CFG teacher (DiT + VAE decode)."""
+        import torch
+
+        from causvid.eval import toy_eval as E
+
+        torch.set_flush_denormal(True)
+        st = E.StudentRunner(self.path("dmd", "final"), device=self.device).sampler
+        prompt = "a red circle moving left"
+        st.generate(prompt, seed=0)  # warm-up
+        t0 = time.perf_counter()
+        first = None
+        frames = 0
+        for chunk in st.stream(prompt, seed=1):
+            if first is None:
+                first = time.perf_counter() - t0
+            frames += len(chunk)
+        total = time.perf_counter() - t0
+        teacher = E.TeacherRunner(self.path("teacher", "final"), device=self.device)
+        t0 = time.perf_counter()
+        v, _ = teacher.generate([prompt], [1], num_steps=50, guidance=6.0)
+        t_total = time.perf_counter() - t0  # the teacher shows nothing before the whole clip is done
+        return {"student_first_chunk_s": first, "student_total_s": total, "student_fps": frames / total,
+                "teacher_first_frame_s": t_total, "teacher_total_s": t_total, "teacher_fps": len(v[0]) / t_total,
+                "latency_speedup": t_total / first, "throughput_speedup": (frames / total) / (len(v[0]) / t_total)}
+
+    def plots(self) -> list[str]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        made = []
+        for name in ("teacher", "ode", "dmd"):
+            path = self.path(name, "losses.jsonl")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                recs = [json.loads(line) for line in f if line.strip()]
+            keys = sorted({k for r in recs for k, v in r.items() if k.startswith("loss") and isinstance(v, (int, float))})
+            if not keys:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            for k in keys:
+                pts = [(r["step"], r[k]) for r in recs if isinstance(r.get(k), (int, float))]
+                if pts:
+                    ax.plot(*zip(*pts), label=k, lw=1)
+            ax.set_xlabel("step")
+            ax.set_yscale("log")
+            ax.set_title(f"{name} losses")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            out = self.path("plots", f"{name}_losses.png")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            fig.savefig(out, dpi=100)
+            plt.close(fig)
+            made.append(out)
+        return made
+
+    def report(self, summary: dict, plots: list[str]) -> str:
+        from causvid.eval import toy_eval as E
+
+        lines = [f"# causvid quickstart ({self.preset_name})", "",
+                 "Toy world -> VAE -> bidirectional teacher -> ODE pairs -> ODE init -> DMD -> streamed samples, on "
+                 f"`{self.device}`. Held-out prompts: {len(summary['prompts'])}.", "",
+                 "## Toy-world metrics (mean ± std over prompts; higher is better)", "", E.table_header("s / video")]
+        per = summary["seconds_per_video"]
+        secs = {"ground truth": "", "teacher": per.get("teacher"), "ODE-init": per.get("ode"), "DMD": per.get("dmd")}
+        for name, agg in summary["metrics"].items():
+            s = next((v for k, v in secs.items() if name.startswith(k)), "")
+            lines.append(E.table_row(name, agg, f"{s:.2f}" if isinstance(s, float) else ""))
+        lat = summary["latency"]
+        lines += ["", "## Latency and throughput (one video, DiT + VAE decode)", "",
+                  "| | first frames after | total | frames/s |", "|---|---|---|---|",
+                  f"| DMD student (KV cache, streamed) | {lat['student_first_chunk_s']:.3f} s | {lat['student_total_s']:.2f} s"
+                  f" | {lat['student_fps']:.1f} |",
+                  f"| teacher (50 steps, CFG) | {lat['teacher_first_frame_s']:.2f} s | {lat['teacher_total_s']:.2f} s"
+                  f" | {lat['teacher_fps']:.2f} |", "",
+                  f"Latency speed-up {lat['latency_speedup']:.0f}x, throughput speed-up {lat['throughput_speedup']:.1f}x.",
+                  "", "## Videos", ""]
+        vids = sorted(f for f in os.listdir(self.path("videos")) if f.endswith(".gif"))
+        for f in vids:
+            lines.append(f"![{f}](videos/{f})")
+        lines += ["", "## Loss curves", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
+        lines += ["", "## Stage times (this run)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in self.times.items()]
+        text = "\n".join(lines) + "\n"
+        with open(self.path("index.md"), "w") as f:
+            f.write(text)
+        self._html(text)
+        return self.path("index.md")
+
+    def _html(self, md: str) -> None:
+        """A dependency-free HTML view of index.md (tables, images, headings)."""
+        import html
+
+        out, in_table = [], False
+        for line in md.splitlines():
+            if line.startswith("|"):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                if all(set(c) <= set("-") for c in cells):
+                    continue
+                if not in_table:
+                    out.append("<table border=1 cellpadding=4>")
+                    in_table = True
+                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+                continue
+            if in_table:
+                out.append("</table>")
+                in_table = False
+            if line.startswith("!["):
+                src = line[line.index("(") + 1:-1]
+                out.append(f'<img src="{html.escape(src)}" style="margin:4px">')
+            elif line.startswith("#"):
+                lvl = len(line) - len(line.lstrip("#"))
+                out.append(f"<h{lvl}>{html.escape(line.lstrip('#').strip())}</h{lvl}>")
+            elif line.strip():
+                out.append(f"<p>{html.escape(line)}</p>")
+        if in_table:
+            out.append("</table>")
+        with open(self.path("index.html"), "w") as f:
+            f.write("<html><body style='font-family:sans-serif'>\n" + "\n".join(out) + "\n</body></html>\n")
+
+    def run_all(self) -> str:
+        t0 = time.perf_counter()
+        for stage in (self.text_encoder, self.vae, self.latents, self.teacher, self.ode_pairs, self.ode, self.dmd):
+            stage()
+        summary = self.evaluate()
+        path = self.report(summary, self.plots())
+        self.times["total"] = time.perf_counter() - t0
+        with open(self.path("times.json"), "w") as f:
+            json.dump({"preset": asdict(self.p), "seconds": self.times}, f, indent=2)
+        self.log(f"done in {self.times['total']:.0f} s: {path}")
+        return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run the whole CausVid method on the built-in toy world.")
+    ap.add_argument("--fast", action="store_true", help="the <= 5 minute preset")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="smoke | fast | default (overrides --fast)")
+    ap.add_argument("--out", help="run folder (default runs/quickstart-<preset>)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    preset = args.preset or ("fast" if args.fast else "default")
+    Pipeline(args.out or f"runs/quickstart-{preset}", preset, args.device).run_all()
+    return 0
