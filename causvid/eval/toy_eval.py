@@ -80,6 +80,32 @@ class TeacherRunner:
             out += [to_uint8(v) for v in video.cpu()]
         return out, Timing(time.perf_counter() - t0)
 
+    @torch.no_grad()
+    def generate_autoregressive(self, prompts: Sequence[str], seeds: Sequence[int], *, num_steps: int = 50,
+                                guidance: float = 6.0, shift: Optional[float] = None, num_frames: Optional[int] = None,
+                                window_chunks: int = 0, batch_size: int = 8) -> list[np.ndarray]:
+        """Chunk-by-chunk many-step sampling (the causal teacher; KV cache, optional rolling window)."""
+        from causvid.sampler import causal_teacher_sample
+
+        d = self.cfg.data
+        F = ((num_frames or d.num_frames) - 1) // 4 + 1
+        sf = self.vae.arch.spatial_factor
+        layout = self.layout or ChunkLayout(self.cfg.model.chunk_size, self.cfg.model.independent_first_frame)
+        neg, _ = self.text.encode([self.cfg.dmd.negative_prompt])
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            ps, ss = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
+            cond, _ = self.text.encode(ps)
+            noise = torch.stack([torch.randn(F, self.model.cfg.in_dim, d.height // sf, d.width // sf,
+                                             generator=torch.Generator().manual_seed(int(s))) for s in ss])
+            x0 = causal_teacher_sample(self.model, noise.to(self.device), cond.to(self.device),
+                                       neg.expand(len(ps), -1, -1).to(self.device), layout=layout,
+                                       num_steps=num_steps, shift=shift if shift is not None else self.cfg.ode_pairs.shift,
+                                       guidance=guidance, sink_chunks=1 if window_chunks else 0,
+                                       window_chunks=window_chunks)
+            out += [to_uint8(v) for v in self.vae.decode(x0).cpu()]
+        return out
+
 
 class StudentRunner:
     """Few-step KV-cached sampling of an exported causal student."""

@@ -1,0 +1,216 @@
+"""The paper's ablation (CausVid Table 4) and long-rollout figure (Figure 8), re-measured on the toy world.
+
+Builds on the quickstart pipeline (same run folder, so the VAE, teacher, ODE pairs, ODE init and CausVid DMD
+student are shared) and adds the causal teacher and two more DMD students:
+
+| row | network | sampler |
+| --- | --- | --- |
+| many-step bidirectional | teacher | 50 Euler steps, CFG, whole clip |
+| many-step causal | causal teacher (diffusion forcing fine-tune) | 50 Euler steps per chunk, CFG, KV cache |
+| few-step, no ODE init, bidirectional teacher | DMD from the teacher weights | k steps per chunk |
+| few-step, ODE init, no teacher | ODE regression only | k steps per chunk |
+| few-step, ODE init, causal teacher | DMD with the causal teacher as real score | k steps per chunk |
+| few-step, ODE init, bidirectional teacher (CausVid) | DMD | k steps per chunk |
+
+Every row is scored on held-out prompts with several sampling seeds; the spread is the std over seeds of the
+per-seed means. Figure 8: frame quality per time window over rollouts ``long_factor`` times the training length
+(rolling KV cache) for the causal teacher, its DMD student and CausVid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from causvid.quickstart import CONFIGS, PRESETS, Pipeline
+
+ROWS = [
+    ("many-step bidirectional", "teacher"),
+    ("many-step causal", "causal_teacher"),
+    ("few-step: no ODE init, bidirectional teacher", "dmd_no_ode"),
+    ("few-step: ODE init, no teacher", "ode"),
+    ("few-step: ODE init, causal teacher", "dmd_causal"),
+    ("few-step: ODE init, bidirectional teacher (CausVid)", "dmd"),
+]
+
+# CausVid paper, Table 4 (VBench scores): temporal quality, frame quality, text alignment (the paper's own model,
+# not Wan; as transcribed in ../shared/seeds). Our toy metrics are on another scale: compare orderings, not values.
+PAPER = {
+    "many-step bidirectional": (94.6, 62.7, 29.6),
+    "many-step causal": (92.4, 60.1, 28.5),
+    "few-step: no ODE init, bidirectional teacher": (93.4, 60.6, 29.4),
+    "few-step: ODE init, no teacher": (92.9, 48.1, 25.3),
+    "few-step: ODE init, causal teacher": (91.9, 61.7, 28.2),
+    "few-step: ODE init, bidirectional teacher (CausVid)": (94.7, 64.4, 30.1),
+}
+
+
+class Ablation(Pipeline):
+    def __init__(self, root: str, preset: str, device: str = "cpu", seeds: int = 3, long_factor: int = 10, log=print):
+        super().__init__(root, preset, device, log)
+        self.num_seeds = seeds
+        self.long_factor = long_factor
+
+    # -- the extra networks ---------------------------------------------------------------------------------------
+    def causal_teacher(self) -> None:
+        self.train("causal_teacher", "train_teacher.py", "causal_teacher.yaml", max(2, self.p.teacher_steps // 3),
+                   [f"data.path={self.path('latents')}", f"train.init_from={self.path('teacher', 'final')}"])
+
+    def dmd_variants(self) -> None:
+        common = [f"data.path={self.path('latents')}"]
+        self.train("dmd_no_ode", "train_dmd.py", "dmd.yaml", self.p.dmd_steps,
+                   common + [f"train.init_from={self.path('teacher', 'final')}",
+                             f"train.teacher_path={self.path('teacher', 'final')}"])
+        self.train("dmd_causal", "train_dmd.py", "dmd.yaml", self.p.dmd_steps,
+                   common + [f"train.init_from={self.path('ode', 'final')}", "dmd.teacher=causal",
+                             f"train.teacher_path={self.path('causal_teacher', 'final')}"])
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    def _runner(self, key: str):
+        from causvid.eval import toy_eval as E
+
+        if key in ("teacher", "causal_teacher"):
+            return E.TeacherRunner(self.path(key, "final"), device=self.device)
+        return E.StudentRunner(self.path(key, "final"), device=self.device)
+
+    def _generate(self, key: str, prompts, seeds, num_frames: Optional[int] = None, window: int = 0):
+        from causvid.eval import toy_eval as E
+
+        r = self._runner(key)
+        if isinstance(r, E.StudentRunner):
+            if window:
+                r.sampler.window_chunks, r.sampler.sink_chunks = window, 1
+            return r.generate(prompts, seeds, num_frames=num_frames)[0]
+        steps = self.p.teacher_eval_steps
+        if key == "teacher":
+            return r.generate(prompts, seeds, num_steps=steps, guidance=float(r.cfg.ode_pairs.guidance))[0]
+        return r.generate_autoregressive(prompts, seeds, num_steps=steps, guidance=float(r.cfg.ode_pairs.guidance),
+                                         num_frames=num_frames, window_chunks=window)
+
+    def table(self) -> dict:
+        from causvid.config import load_config
+        from causvid.eval import toy_eval as E
+
+        out_json = self.path("ablation.json")
+        if os.path.exists(out_json):
+            with open(out_json) as f:
+                return json.load(f)
+        cfg = load_config(str(CONFIGS / "teacher.yaml"), self.common())
+        prompts, gt = E.heldout_set(self.p.eval_videos, cfg)
+        rows = {"ground truth": {"per_seed": [E.score(gt, prompts, cfg.data.fps)]}}
+        for name, key in ROWS:
+            self.log(f"[ablation] {name}")
+            per_seed = []
+            for s in range(self.num_seeds):
+                seeds = [10_000 * (s + 1) + i for i in range(len(prompts))]
+                vids = self._generate(key, prompts, seeds)
+                per_seed.append(E.score(vids, prompts, cfg.data.fps))
+            rows[name] = {"per_seed": per_seed}
+        for r in rows.values():
+            r["summary"] = {k: (float(np.mean([p["mean"][k] for p in r["per_seed"]])),
+                                float(np.std([p["mean"][k] for p in r["per_seed"]])))
+                            for k in E.GROUP_KEYS}
+        with open(out_json, "w") as f:
+            json.dump(rows, f, indent=2)
+        return rows
+
+    def long_rollout(self) -> dict:
+        from causvid.config import load_config
+        from causvid.eval import toy_eval as E
+
+        out_json = self.path("long_rollout.json")
+        if os.path.exists(out_json):
+            with open(out_json) as f:
+                return json.load(f)
+        cfg = load_config(str(CONFIGS / "teacher.yaml"), self.common())
+        n = max(2, self.p.eval_videos // 4)
+        prompts, _ = E.heldout_set(n, cfg)
+        latent = (cfg.data.num_frames - 1) // 4 + 1
+        num_frames = 1 + 4 * (latent * self.long_factor - 1)
+        window = latent // cfg.model.chunk_size  # attention window = one training clip
+        curves = {}
+        for name, key in (("causal teacher (many-step)", "causal_teacher"),
+                          ("student of the causal teacher", "dmd_causal"), ("CausVid", "dmd")):
+            self.log(f"[long rollout] {name}: {num_frames} frames")
+            t0 = time.perf_counter()
+            vids = self._generate(key, prompts, [5000 + i for i in range(n)], num_frames=num_frames, window=window)
+            wins = E.score_windows(vids, prompts, cfg.data.num_frames, cfg.data.fps)
+            curves[name] = {"windows": wins, "seconds": time.perf_counter() - t0}
+        result = {"num_frames": num_frames, "window_frames": cfg.data.num_frames, "fps": cfg.data.fps,
+                  "curves": curves}
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=2, default=float)
+        return result
+
+    def plot_long(self, res: dict) -> str:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        for name, c in res["curves"].items():
+            x = [w["start"] / res["fps"] for w in c["windows"]]
+            m = np.array([w["mean"]["frame_quality"] for w in c["windows"]])
+            s = np.array([w["std"]["frame_quality"] for w in c["windows"]])
+            ax.plot(x, m, label=name)
+            ax.fill_between(x, m - s, m + s, alpha=0.2)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("frame quality (toy metric)")
+        ax.set_title(f"Long rollout: {res['num_frames']} frames ({self.long_factor}x the training clips)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out = self.path("plots", "long_rollout.png")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+
+    def markdown(self, rows: dict, long: dict, plot: str) -> str:
+        lines = ["| method | temporal quality | frame quality | text alignment | total | paper (TQ / FQ / TA) |",
+                 "|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            cells = [f"{m:.3f} ± {s:.3f}" for m, s in (r["summary"][k] for k in
+                                                        ("temporal_quality", "frame_quality", "text_alignment", "total"))]
+            paper = " / ".join(f"{v:.1f}" for v in PAPER[name]) if name in PAPER else ""
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {paper} |")
+        lines += ["", "Long rollout (frame quality per window of one training clip):", "",
+                  "| model | first window | last window | seconds |", "|---|---|---|---|"]
+        for name, c in long["curves"].items():
+            w = c["windows"]
+            lines.append(f"| {name} | {w[0]['mean']['frame_quality']:.3f} | {w[-1]['mean']['frame_quality']:.3f} "
+                         f"| {c['seconds']:.0f} |")
+        lines += ["", f"![long rollout]({plot})"]
+        text = "\n".join(lines) + "\n"
+        with open(self.path("ablation.md"), "w") as f:
+            f.write(text)
+        return text
+
+    def run_ablation(self) -> str:
+        for stage in (self.text_encoder, self.vae, self.latents, self.teacher, self.ode_pairs, self.ode, self.dmd,
+                      self.causal_teacher, self.dmd_variants):
+            stage()
+        rows = self.table()
+        long = self.long_rollout()
+        return self.markdown(rows, long, self.plot_long(long))
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="CausVid Table 4 and Figure 8 on the toy world")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--out", help="run folder (default runs/quickstart-<preset>, shared with the quickstart)")
+    ap.add_argument("--seeds", type=int, default=3, help="sampling seeds per row")
+    ap.add_argument("--long-factor", type=int, default=10, help="rollout length in training clips (Figure 8)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_flush_denormal(True)
+    ab = Ablation(args.out or f"runs/quickstart-{args.preset}", args.preset, args.device, args.seeds, args.long_factor)
+    print(ab.run_ablation())
+    return 0
