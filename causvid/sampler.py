@@ -231,8 +231,10 @@ def causal_sample_chunks(model, noise: torch.Tensor, cond: Optional[torch.Tensor
             if context_noise > 0:
                 xc = S.add_noise(x0, fresh(x0.shape, x0.device).to(x0.dtype),
                                  torch.full((B, n), t_ref, device=noise.device))
-        flow(xc, torch.full((B, n), t_ref, device=noise.device), a)
+        # yield first, refresh after: the caller sees (and can decode) the chunk one forward earlier; the
+        # refresh only matters to the next chunk, and is skipped when the caller stops after the last one
         yield a, b, x0
+        flow(xc, torch.full((B, n), t_ref, device=noise.device), a)
 
 
 @torch.no_grad()
@@ -777,12 +779,12 @@ class CausalSampler:
                     if self.context_noise > 0:
                         xc = S.add_noise(x0, self._randn(gens, (n, C, h, w)),
                                          torch.full((B, n), self.context_noise, device=self.device))
+                yield a, start_frame + f1, x0  # before the refresh pass: lower first-frame latency
                 refresh(xc, t_ref, a)
                 if keep_resident:
                     resident.append(_Resident(a, xc, t_ref))
                     slots = branches[0].kv.slot_of
                     resident = [r for r in resident if all(f in slots for f in range(r.start, r.start + r.x.shape[1]))]
-                yield a, start_frame + f1, x0
         finally:
             for cache in caches:
                 self._in_use.discard(id(cache))
@@ -799,6 +801,7 @@ class CausalSampler:
 
     # -- decoding -------------------------------------------------------------------------------------------------
 
+    @torch.no_grad()  # on a generator: no-grad only while it runs, never leaked to the caller between chunks
     def stream(self, prompts: PromptSpec, num_chunks: Optional[int] = None, num_frames: Optional[int] = None,
                seed: Union[int, Sequence[int]] = 0, **kw) -> Iterator[np.ndarray]:
         """Decoded frames as each chunk finishes: uint8 [t, H, W, 3] (``[B, t, H, W, 3]`` for a list / batched
@@ -806,10 +809,9 @@ class CausalSampler:
         (the first chunk gives ``1 + 4(n - 1)`` frames, later ones ``4 n``)."""
         _, batched = _normalize_schedule(prompts)
         dec = self.vae.stream_decoder()
-        with torch.no_grad():
-            for _, _, lat in self.stream_latents(prompts, num_chunks, num_frames, seed, **kw):
-                frames = _uint8_frames(dec.push(lat))
-                yield frames if batched else frames[0]
+        for _, _, lat in self.stream_latents(prompts, num_chunks, num_frames, seed, **kw):
+            frames = _uint8_frames(dec.push(lat))
+            yield frames if batched else frames[0]
 
     def generate(self, prompts: PromptSpec, num_frames: Optional[int] = None, seed: Union[int, Sequence[int]] = 0, *,
                  num_chunks: Optional[int] = None, return_latents: bool = False, **kw):
@@ -831,6 +833,7 @@ class CausalSampler:
 
     # -- long video: the official overlap-restart mode (causvid_reference.md §2.2) --------------------------------
 
+    @torch.no_grad()
     def stream_overlap(self, prompts: Union[str, Sequence[str]], num_rollouts: int = 3,
                        seed: Union[int, Sequence[int]] = 0, *, rollout_frames: Optional[int] = None,
                        overlap_frames: Optional[int] = None) -> Iterator[np.ndarray]:
@@ -854,26 +857,25 @@ class CausalSampler:
         B = 1 if isinstance(prompts, str) else len(prompts)
         gens = self._generators(seed, B)
         prefix = None
-        with torch.no_grad():
-            for r in range(num_rollouts):
-                dec, buf, lats = self.vae.stream_decoder(), [], []
-                for _, _, lat in self.stream_latents(prompts, None, self.pixel_frames(F_roll), prefix=prefix,
-                                                     _gens=gens):
-                    lats.append(lat)
-                    buf.append(dec.push(lat))
-                    allf = torch.cat(buf, dim=1)
-                    emit, buf = allf[:, :-tail], [allf[:, -tail:]]
-                    if emit.shape[1]:
-                        out = _uint8_frames(emit)
-                        yield out if batched else out[0]
-                last = torch.cat(buf, dim=1)  # [B, tail, 3, H, W]
-                if r == num_rollouts - 1:
-                    out = _uint8_frames(last)
+        for r in range(num_rollouts):
+            dec, buf, lats = self.vae.stream_decoder(), [], []
+            for _, _, lat in self.stream_latents(prompts, None, self.pixel_frames(F_roll), prefix=prefix,
+                                                 _gens=gens):
+                lats.append(lat)
+                buf.append(dec.push(lat))
+                allf = torch.cat(buf, dim=1)
+                emit, buf = allf[:, :-tail], [allf[:, -tail:]]
+                if emit.shape[1]:
+                    out = _uint8_frames(emit)
                     yield out if batched else out[0]
-                    break
-                lat_all = torch.cat(lats, dim=1)
-                image_latent = self.vae.encode(last[:, :1])  # pixel frame -(4 (n - 1) + 1) as an image
-                prefix = torch.cat([image_latent, lat_all[:, F_roll - (n - 1):]], dim=1)
+            last = torch.cat(buf, dim=1)  # [B, tail, 3, H, W]
+            if r == num_rollouts - 1:
+                out = _uint8_frames(last)
+                yield out if batched else out[0]
+                break
+            lat_all = torch.cat(lats, dim=1)
+            image_latent = self.vae.encode(last[:, :1])  # pixel frame -(4 (n - 1) + 1) as an image
+            prefix = torch.cat([image_latent, lat_all[:, F_roll - (n - 1):]], dim=1)
 
     def generate_overlap(self, prompts: Union[str, Sequence[str]], num_rollouts: int = 3,
                          seed: Union[int, Sequence[int]] = 0, **kw) -> np.ndarray:
