@@ -191,13 +191,100 @@ class Ablation(Pipeline):
             f.write(text)
         return text
 
+    def streaming(self, factor: int = 20, num_videos: int = 2) -> dict:
+        """Issue-7 measurements for the CausVid student: a rollout ``factor`` x the training clips (rolling
+        cache) scored per window, and text alignment per segment under prompt switching."""
+        from causvid.config import load_config
+        from causvid.eval import toy_eval as E
+        from causvid.eval import toyworld_metrics as M
+
+        out_json = self.path("streaming.json")
+        if os.path.exists(out_json):
+            with open(out_json) as f:
+                return json.load(f)
+        cfg = load_config(str(CONFIGS / "teacher.yaml"), self.common())
+        d = cfg.data
+        latent = (d.num_frames - 1) // 4 + 1
+        prompts, _ = E.heldout_set(num_videos, cfg)
+        st = E.StudentRunner(self.path("dmd", "final"), device=self.device).sampler
+        st.window_chunks, st.sink_chunks = latent // cfg.model.chunk_size, 1
+        num_frames = 1 + 4 * (latent * factor - 1)
+        t0 = time.perf_counter()
+        vids = [np.asarray(st.generate(p, num_frames=num_frames, seed=9000 + i)) for i, p in enumerate(prompts)]
+        secs = time.perf_counter() - t0
+        windows = E.score_windows(vids, prompts, d.num_frames, d.fps)
+        # prompt switching: 3 segments of one training clip each, different prompts
+        seg_chunks = latent // cfg.model.chunk_size
+        sw_prompts, _ = E.heldout_set(3 * num_videos, cfg)
+        rows = []
+        for i in range(num_videos):
+            ps = sw_prompts[3 * i: 3 * i + 3]
+            sched = {0: ps[0], seg_chunks: ps[1], 2 * seg_chunks: ps[2]}
+            v = np.asarray(st.generate(sched, num_chunks=3 * seg_chunks, seed=9100 + i))
+            bounds = [0, st.pixel_frames(latent), st.pixel_frames(2 * latent), v.shape[0]]
+            for k in range(3):
+                seg = v[bounds[k]:bounds[k + 1]]
+                own = M.score_video(seg, ps[k], fps=d.fps)["text_alignment"]
+                other = float(np.nanmean([M.score_video(seg, ps[j], fps=d.fps)["text_alignment"]
+                                          for j in range(3) if j != k]))
+                rows.append({"video": i, "segment": k, "own_prompt": own, "other_prompts": other})
+        res = {"num_frames": num_frames, "factor": factor, "seconds": secs, "windows": windows, "switch": rows,
+               "fps": d.fps, "window_frames": d.num_frames}
+        with open(out_json, "w") as f:
+            json.dump(res, f, indent=2, default=float)
+        return res
+
+    def streaming_markdown(self, res: dict) -> str:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = ("temporal_quality", "frame_quality", "text_alignment")
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        x = [w["start"] / res["fps"] for w in res["windows"]]
+        for k in keys:
+            m = np.array([w["mean"][k] for w in res["windows"]])
+            sd = np.array([w["std"][k] for w in res["windows"]])
+            ax.plot(x, m, label=k.replace("_", " "))
+            ax.fill_between(x, m - sd, m + sd, alpha=0.15)
+        ax.set_xlabel("time (s)")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"CausVid student, {res['factor']}x training length ({res['num_frames']} frames)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        plot = self.path("plots", "error_accumulation.png")
+        os.makedirs(os.path.dirname(plot), exist_ok=True)
+        fig.savefig(plot, dpi=110)
+        plt.close(fig)
+        lines = ["| window (s) | temporal quality | frame quality | text alignment |", "|---|---|---|---|"]
+        w = res["windows"]
+        for i in sorted({0, 1, len(w) // 4, len(w) // 2, 3 * len(w) // 4, len(w) - 1}):
+            lines.append(f"| {w[i]['start'] / res['fps']:.0f}-{w[i]['end'] / res['fps']:.0f} | "
+                         + " | ".join(f"{w[i]['mean'][k]:.3f}" for k in keys) + " |")
+        own = [r["own_prompt"] for r in res["switch"]]
+        oth = [r["other_prompts"] for r in res["switch"]]
+        lines += ["", "Prompt switching (3 segments of one training clip each; text alignment of a segment against its "
+                  "own prompt vs the other two prompts):", "", "| segment | own prompt | other prompts |", "|---|---|---|"]
+        for k in range(3):
+            a = [r["own_prompt"] for r in res["switch"] if r["segment"] == k]
+            b = [r["other_prompts"] for r in res["switch"] if r["segment"] == k]
+            lines.append(f"| {k} | {np.nanmean(a):.3f} | {np.nanmean(b):.3f} |")
+        lines.append(f"| all | {np.nanmean(own):.3f} | {np.nanmean(oth):.3f} |")
+        lines += ["", f"![error accumulation]({plot})"]
+        text = "\n".join(lines) + "\n"
+        with open(self.path("streaming.md"), "w") as f:
+            f.write(text)
+        return text
+
     def run_ablation(self) -> str:
         for stage in (self.text_encoder, self.vae, self.latents, self.teacher, self.ode_pairs, self.ode, self.dmd,
                       self.causal_teacher, self.dmd_variants):
             stage()
         rows = self.table()
         long = self.long_rollout()
-        return self.markdown(rows, long, self.plot_long(long))
+        text = self.markdown(rows, long, self.plot_long(long))
+        return text + "\n" + self.streaming_markdown(self.streaming())
 
 
 def main(argv=None) -> int:

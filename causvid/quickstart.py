@@ -43,10 +43,10 @@ PRESETS = {
     # CI: proves the whole chain runs; the numbers mean nothing.
     "smoke": Preset(vae_steps=6, num_videos=16, teacher_steps=6, ode_pairs=8, ode_steps=4, dmd_steps=5,
                     eval_videos=2, teacher_eval_steps=6, batch_size=4, checkpoint_every=1000),
-    "fast": Preset(vae_steps=150, num_videos=256, teacher_steps=400, ode_pairs=48, ode_steps=120, dmd_steps=100,
-                   eval_videos=8, teacher_eval_steps=50),
-    "default": Preset(vae_steps=600, num_videos=1024, teacher_steps=2500, ode_pairs=256, ode_steps=600,
-                      dmd_steps=500, eval_videos=24, teacher_eval_steps=50),
+    "fast": Preset(vae_steps=120, num_videos=128, teacher_steps=250, ode_pairs=24, ode_steps=60, dmd_steps=50,
+                   eval_videos=4, teacher_eval_steps=25),
+    "default": Preset(vae_steps=800, num_videos=1024, teacher_steps=1500, ode_pairs=256, ode_steps=500,
+                      dmd_steps=400, eval_videos=16, teacher_eval_steps=50),
 }
 
 
