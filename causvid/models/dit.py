@@ -109,7 +109,9 @@ def _linear_in(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return x.to(layer.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o (all biased) and q/k RMSNorm over the whole hidden dim: the parameters of both attentions."""
+
     def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool):
         super().__init__()
         self.num_heads = num_heads
@@ -117,6 +119,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
+
+class SelfAttention(_Projections):
     def forward(self, x, rope, attn, layer: int):
         h = _linear_in(x, self.q)
         # RMSNorm over the whole D (across heads), then split: [B, L, D] -> [B, L, H, d]
@@ -129,14 +133,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))  # [B, L, D]
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-
+class CrossAttention(_Projections):
     def context_kv(self, c: torch.Tensor):
         c = _linear_in(c, self.k)
         k = self.norm_k(self.k(c)).unflatten(-1, (self.num_heads, -1))  # [B, Lc, H, d]
