@@ -58,6 +58,7 @@ def _check_files(cfg) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    torch.set_flush_denormal(True)  # denormals slow CPU kernels several-fold (environment.md)
     from accelerate import PartialState
 
     from causvid import ode_pairs as OP

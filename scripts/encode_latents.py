@@ -72,6 +72,7 @@ def _source(cfg, args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    torch.set_flush_denormal(True)  # denormals slow CPU kernels several-fold (environment.md)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
