@@ -287,6 +287,54 @@ class Ablation(Pipeline):
         return text + "\n" + self.streaming_markdown(self.streaming())
 
 
+def write_results(root: str, out_md: str = "docs/results.md", img_dir: str = "docs/img") -> str:
+    """Compose ``docs/results.md`` from a finished quickstart + ablation run folder (copies the plots)."""
+    import shutil
+
+    root_p = os.path.abspath(root)
+    os.makedirs(img_dir, exist_ok=True)
+    rel_img = os.path.relpath(img_dir, os.path.dirname(os.path.abspath(out_md)))
+
+    def img(name: str) -> str:
+        src = os.path.join(root_p, "plots", name)
+        if not os.path.exists(src):
+            return ""
+        shutil.copy(src, os.path.join(img_dir, name))
+        return f"![{name}]({rel_img}/{name})"
+
+    def read(name: str) -> str:
+        path = os.path.join(root_p, name)
+        return open(path).read() if os.path.exists(path) else "(not run)\n"
+
+    def strip_images(md: str) -> str:
+        return "\n".join(line for line in md.splitlines() if not line.startswith("![")) + "\n"
+
+    index = read("index.md")
+    quick = index.split("## Videos")[0].split("\n", 2)[-1] if "## Videos" in index else index
+    times = json.load(open(os.path.join(root_p, "times.json"))) if os.path.exists(os.path.join(root_p, "times.json")) else {}
+    parts = [
+        "# Results on the toy world", "",
+        "Everything below was produced by two commands on the 2-core CPU development machine (no GPU), in one run folder:", "",
+        "```bash", f"python scripts/quickstart.py --out {root}", f"python scripts/reproduce_ablation.py --out {root}",
+        "```", "",
+        "The toy metrics (`causvid/eval/toyworld_metrics.py`, `docs/toyworld.md`) are in [0, 1], higher is better; ground-truth "
+        "toy videos score near 1, noise near 0. They are *not* VBench: compare orderings with the paper, not values.", "",
+        "## Quickstart (default preset)", "", quick.strip(), "",
+        "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.get("seconds", {}).items()), "",
+        img("teacher_losses.png"), img("ode_losses.png"), img("dmd_losses.png"), "",
+        "## CausVid Table 4 on the toy world", "",
+        "Mean ± std over sampling seeds (each seed: the mean over the held-out prompts). Paper columns: VBench temporal "
+        "quality / frame quality / text alignment of the paper's own model.", "",
+        strip_images(read("ablation.md")).strip(), "", img("long_rollout.png"), "",
+        "## Streaming: error accumulation over a 20x rollout and prompt switching (DMD student)", "",
+        strip_images(read("streaming.md")).strip(), "", img("error_accumulation.png"), "",
+    ]
+    text = "\n".join(parts) + "\n"
+    with open(out_md, "w") as f:
+        f.write(text)
+    return out_md
+
+
 def main(argv=None) -> int:
     import argparse
 
