@@ -282,9 +282,9 @@ class Ablation(Pipeline):
                       self.causal_teacher, self.dmd_variants):
             stage()
         rows = self.table()
+        stream = self.streaming_markdown(self.streaming())  # before the long rollout: it needs only the student
         long = self.long_rollout()
-        text = self.markdown(rows, long, self.plot_long(long))
-        return text + "\n" + self.streaming_markdown(self.streaming())
+        return self.markdown(rows, long, self.plot_long(long)) + "\n" + stream
 
 
 def write_results(root: str, out_md: str = "docs/results.md", img_dir: str = "docs/img") -> str:
