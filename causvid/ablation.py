@@ -344,8 +344,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="sampling seeds per row")
     ap.add_argument("--long-factor", type=int, default=10, help="rollout length in training clips (Figure 8)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=N",
+                    help="override preset fields, e.g. eval_videos=8 (see causvid.quickstart.Preset)")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
     ab = Ablation(args.out or f"runs/quickstart-{args.preset}", args.preset, args.device, args.seeds, args.long_factor)
+    if args.set:
+        from dataclasses import replace
+
+        ab.p = replace(ab.p, **{k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     print(ab.run_ablation())
     return 0

@@ -45,7 +45,7 @@ PRESETS = {
                     eval_videos=2, teacher_eval_steps=6, batch_size=4, checkpoint_every=1000),
     "fast": Preset(vae_steps=120, num_videos=128, teacher_steps=250, ode_pairs=24, ode_steps=60, dmd_steps=50,
                    eval_videos=4, teacher_eval_steps=25),
-    "default": Preset(vae_steps=500, num_videos=768, teacher_steps=1000, ode_pairs=192, ode_steps=400,
+    "default": Preset(vae_steps=500, num_videos=768, teacher_steps=1000, ode_pairs=64, ode_steps=400,
                       dmd_steps=300, eval_videos=16, teacher_eval_steps=50),
 }
 
