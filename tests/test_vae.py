@@ -394,7 +394,13 @@ def test_training_schedule_and_metrics_by_hand():
     assert parse_schedule("0.5:1x0x8,0.5:9x32") == [Phase(0.5, 1, 0, 8), Phase(0.5, 9, 32, 0)]
     opt = VAETrainOptions(schedule="0.25:1x0x8,0.75:9x32")
     assert [opt.phase_at(s, 8).frames for s in range(8)] == [1, 1, 9, 9, 9, 9, 9, 9]
-    for bad in ("0.5:1x0", "1.0:9", "0.5:1x0,0.6:9x32"):
+    assert parse_schedule("0.5:1x32x16,0.5:33x32x1@0.2")[1] == Phase(0.5, 33, 32, 1, lr_scale=0.2)
+    # per-phase warm-up (1 step) + cosine to min_lr_ratio, peak scaled by the phase's lr_scale
+    opt = VAETrainOptions(schedule="0.5:1x32,0.5:9x32@0.2", min_lr_ratio=0.1)
+    f = [opt.lr_factor(s, 8, 1) for s in range(8)]
+    assert f[0] == pytest.approx(1.0) and f[4] == pytest.approx(0.2) and f[3] < f[1] and f[7] < f[5] == pytest.approx(0.2)
+    opt = VAETrainOptions(schedule="0.25:1x0x8,0.75:9x32")
+    for bad in ("0.5:1x0", "1.0:9", "0.5:1x0,0.6:9x32", "1.0:9x32@0", "1.0:9x32@x"):
         with pytest.raises(ValueError, match="vae.train.schedule"):
             parse_schedule(bad)
     with pytest.raises(ValueError, match="clip frames must be 1 \\+ 4n"):
@@ -404,3 +410,10 @@ def test_training_schedule_and_metrics_by_hand():
     assert VAETrainOptions.from_mapping({"sample_posterior": "false", "kl_weight": "0.5"}).kl_weight == 0.5
     x = torch.zeros(2, 1, 3, 4, 4)
     assert psnr(x, x + 0.1).tolist() == pytest.approx([10 * math.log10(4 / 0.01)] * 2)
+
+
+def test_bf16_model_accepts_fp32_inputs():
+    vae = randomized("tiny").to(torch.bfloat16)
+    with torch.no_grad():
+        z = vae.encode(video(1, 5, 8))
+        assert z.dtype == torch.bfloat16 and vae.decode(z.float()).shape == (1, 5, 3, 8, 8)

@@ -485,13 +485,14 @@ class WanVAE(nn.Module):
 
     def encode_raw(self, x: torch.Tensor, cache: Optional[CausalCache] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, 3, T, H, W]`` -> (mu, logvar), each ``[B, z, F, h, w]``, unnormalised."""
+        x = x.to(self.conv1.weight.dtype)  # inputs follow the model's dtype (fp32 or bf16)
         h = self.conv1(self.encoder(x, cache), cache)  # [B, 2z, F, h, w]
         mu, logvar = h.chunk(2, dim=1)
         return mu, logvar
 
     def decode_raw(self, z: torch.Tensor, cache: Optional[CausalCache] = None) -> torch.Tensor:
         """Unnormalised ``[B, z, F, h, w]`` -> pixels ``[B, 3, T, H, W]`` (not clamped)."""
-        return self.decoder(self.conv2(z, cache), cache)
+        return self.decoder(self.conv2(z.to(self.conv2.weight.dtype), cache), cache)
 
     # -- public API ([B, T, C, H, W]) ------------------------------------------------------------------
 
@@ -795,7 +796,11 @@ def load_vae(path: str, size: "str | VAEArch | None" = None, device: str | torch
     arch, sd = read_vae_file(path, size)
     with torch.device("meta"):
         vae = WanVAE(arch)
-    load_into(vae, sd, f"VAE weights {path}")
+    try:
+        load_into(vae, sd, f"VAE weights {path}")
+    except WeightsError as err:
+        hint = f" (built the {size_name(arch) or 'custom'!r} VAE architecture; does vae.size match the file?)"
+        raise WeightsError(str(err) + hint) from None
     vae.reset_latent_buffers()
     return vae.to(device=device, dtype=dtype).eval()
 

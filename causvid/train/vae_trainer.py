@@ -36,27 +36,34 @@ from causvid.models.vae import CausalConv3d, WanVAE, save_vae, vae_arch
 @dataclass(frozen=True)
 class Phase:
     """A part of training: ``fraction`` of the steps on clips of ``frames`` x ``crop`` x ``crop``
-    (crop 0: whole frames), ``batch`` clips per step (0: ``train.batch_size``)."""
+    (crop 0: whole frames), ``batch`` clips per step (0: ``train.batch_size``), peak learning rate
+    ``lr_scale`` x ``train.optim.lr``."""
 
     fraction: float
     frames: int
     crop: int
     batch: int = 0
+    lr_scale: float = 1.0
 
 
 def parse_schedule(spec: str) -> list[Phase]:
-    """``"0.55:1x0x8,0.3:9x32x4,0.15:33x0x1"`` -> phases (``fraction:FRAMESxCROP[xBATCH]``, comma separated)."""
+    """``"0.45:1x32x16,0.35:9x32x4,0.2:33x32x1@0.2"`` -> phases (``fraction:FRAMESxCROP[xBATCH][@LR_SCALE]``,
+    comma separated)."""
     phases = []
     for part in spec.split(","):
         try:
             frac, dims = part.strip().split(":")
+            dims, _, scale = dims.partition("@")
             nums = [int(v) for v in dims.split("x")]
             if len(nums) not in (2, 3):
                 raise ValueError
-            phases.append(Phase(float(frac), *nums))
-        except ValueError:
+            lr_scale = float(scale) if scale else 1.0
+            if not lr_scale > 0:
+                raise ValueError
+            phases.append(Phase(float(frac), *nums, lr_scale=lr_scale))
+        except (ValueError, TypeError):
             raise ValueError(f"vae.train.schedule: cannot parse {part!r} in {spec!r}; expected "
-                             "'fraction:FRAMESxCROP[xBATCH]' items separated by commas") from None
+                             "'fraction:FRAMESxCROP[xBATCH][@LR_SCALE]' items separated by commas") from None
     if not phases or abs(sum(p.fraction for p in phases) - 1.0) > 1e-6 or any(p.fraction < 0 for p in phases):
         raise ValueError(f"vae.train.schedule: the fractions of {spec!r} must be >= 0 and sum to 1")
     return phases
@@ -66,14 +73,15 @@ def parse_schedule(spec: str) -> list[Phase]:
 class VAETrainOptions:
     """VAE-specific knobs (proposed config section ``vae.train``; set them with ``vae.train.<name>=``)."""
 
-    schedule: str = "0.55:1x0x8,0.3:9x32x4,0.15:33x0x1"  # see parse_schedule; crop 0 = whole frames
+    schedule: str = "0.45:1x32x16,0.35:9x32x4,0.2:33x32x1@0.2"  # see parse_schedule; crop 0 = whole frames
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     kl_weight: float = 1e-4
     sample_posterior: bool = True  # decode mu + sigma * eps (a VAE) rather than mu (an autoencoder)
     init: str = "inflated"  # inflated: see inflated_he_init_ | default: PyTorch's init
     logvar_init: float = -6.0  # inflated init: bias of the log-variance channels (little noise at first)
-    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio over the run
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio
+    restart_lr: bool = True  # each phase: fresh AdamW moments, warm-up + cosine decay (else one decay overall)
     eval_videos: int = 8  # held-out videos (whole clips) for the PSNR
     eval_seed_offset: int = 1  # held-out world seed = training seed + offset
     stats_videos: int = 16  # training videos used to measure the latent mean / std
@@ -111,14 +119,35 @@ class VAETrainOptions:
                 raise ValueError(f"vae.train.schedule: crop must be a multiple of {spatial} and <= the frame "
                                  f"size ({height}x{width}), got {p.crop}")
 
+    def phase_bounds(self, total: int) -> list[tuple[int, int, Phase]]:
+        """``(first step, end step, phase)`` of every phase of a ``total``-step run."""
+        out, start, acc = [], 0, 0.0
+        for p in self.phases():
+            acc += p.fraction * total
+            end = round(acc)
+            out.append((start, end, p))
+            start = end
+        return out
+
     def phase_at(self, step: int, total: int) -> Phase:
         """The phase that ``step`` (0-based) of ``total`` belongs to."""
-        end = 0.0
-        for p in self.phases():
-            end += p.fraction * total
-            if step < round(end):
-                return p
-        return self.phases()[-1]
+        return self.position(step, total)[2]
+
+    def position(self, step: int, total: int) -> tuple[int, int, Phase]:
+        """``(step within its phase, phase length, phase)``."""
+        bounds = self.phase_bounds(total)
+        for start, end, p in bounds:
+            if step < end:
+                return step - start, end - start, p
+        start, end, p = bounds[-1]
+        return step - start, end - start, p
+
+    def lr_factor(self, step: int, total: int, warmup: int) -> float:
+        """Multiplier of the base lr: warm-up + cosine per phase (``restart_lr``) or over the whole run."""
+        i, n, phase = self.position(step, total)
+        if not self.restart_lr:
+            return phase.lr_scale * lr_at(step, total, warmup, self.min_lr_ratio)
+        return phase.lr_scale * lr_at(i, n, warmup, self.min_lr_ratio)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,14 +313,18 @@ def train_vae(cfg: Any, output_dir: str, steps: Optional[int] = None, options: O
     o = cfg.train.optim
     optimizer = torch.optim.AdamW(vae.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, o.warmup_steps, opt.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: opt.lr_factor(s, total, o.warmup_steps))
     model, optimizer, scheduler = acc.prepare(vae, optimizer, scheduler)
 
     gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + acc.process_index)
     bar = tqdm(range(total), desc="vae", disable=not (progress and acc.is_main_process), dynamic_ncols=True)
     t_start, logs, nonfinite, skipped, window = time.time(), {}, 0, 0, []
     for step in bar:
-        ph = opt.phase_at(step, total)
+        within, _, ph = opt.position(step, total)
+        if within == 0 and step > 0 and opt.restart_lr:
+            # A new phase starts like a fresh run: Adam moments from single frames would give the temporal
+            # taps (zero gradient until now, bias correction long done) steps many times the learning rate.
+            getattr(optimizer, "optimizer", optimizer).state.clear()
         n = ph.batch or cfg.train.batch_size
         idx = torch.randint(0, len(train_set), (n,), generator=gen).tolist()
         batch = torch.stack([random_subclip(train_set[i]["video"], ph.frames, ph.crop, gen) for i in idx])
