@@ -256,6 +256,13 @@ def validate(cfg: DictConfig) -> None:
     """Choices and cross-field rules. Raises :class:`ConfigError` naming the key."""
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        # YAML 1.1 reads an unquoted `no` / `off` as false, which a str field stores as "False"
+        if value in ("False", "True") and value not in allowed:
+            spelled = {"False": ("no", "off", "false"), "True": ("yes", "on", "true")}[value]
+            match = [a for a in allowed if str(a).lower() in spelled]
+            if len(match) == 1:
+                OmegaConf.update(cfg, key, match[0])
+                value = match[0]
         if value is not None and value not in allowed:
             raise ConfigError(f"invalid value for config key '{key}': {value!r}; valid: {list(allowed)}")
     from causvid.models.registry import DIT_SIZES  # local: registry imports nothing heavy

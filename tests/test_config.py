@@ -38,6 +38,14 @@ def test_bad_choice_names_valid_values():
         load_config(None, ["model.size=huge"])
 
 
+def test_yaml_boolean_spelling_of_a_choice():
+    # `no` is YAML 1.1 for false; the choice "no" must still be accepted from the command line and files
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision"):
+        load_config(None, ["train.mixed_precision=yes"])
+
+
 @pytest.mark.parametrize("over,key", [
     (["model.chunk_size=2"], "model.chunk_size"),  # 9 latent frames, 2 does not divide
     (["data.num_frames=32"], "data.num_frames"),  # not 1 + 4n
