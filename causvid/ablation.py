@@ -58,7 +58,8 @@ class Ablation(Pipeline):
 
     # -- the extra networks ---------------------------------------------------------------------------------------
     def causal_teacher(self) -> None:
-        self.train("causal_teacher", "train_teacher.py", "causal_teacher.yaml", max(2, self.p.teacher_steps // 3),
+        self.train("causal_teacher", "train_teacher.py", "causal_teacher.yaml",
+                   self.p.causal_teacher_steps or max(2, self.p.teacher_steps // 3),
                    [f"data.path={self.path('latents')}", f"train.init_from={self.path('teacher', 'final')}"])
 
     def dmd_variants(self) -> None:
@@ -102,7 +103,9 @@ class Ablation(Pipeline):
                 return json.load(f)
         cfg = load_config(str(CONFIGS / "teacher.yaml"), self.common())
         prompts, gt = E.heldout_set(self.p.eval_videos, cfg)
-        rows = {"ground truth": {"per_seed": [E.score(gt, prompts, cfg.data.fps)]}}
+        rows = {"ground truth": {"per_seed": [E.score(gt, prompts, cfg.data.fps)]},
+                "ground truth, VAE round trip (ceiling)": {"per_seed": [E.score(
+                    E.vae_roundtrip(self._runner("teacher").vae, gt), prompts, cfg.data.fps)]}}
         for name, key in ROWS:
             self.log(f"[ablation] {name}")
             per_seed = []

@@ -39,6 +39,18 @@ def heldout_set(n: int, cfg) -> tuple[list[str], list[np.ndarray]]:
     return [it["caption"] for it in items], [to_uint8(it["video"]) for it in items]
 
 
+@torch.no_grad()
+def vae_roundtrip(vae, videos: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+    """Encode -> decode ground-truth uint8 videos ``[T, H, W, 3]``: the ceiling of anything generated in latent space."""
+    dev = next(vae.parameters()).device
+    out = []
+    for i in range(0, len(videos), batch_size):
+        x = torch.stack([torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2) for v in videos[i:i + batch_size]])
+        x = x.to(dev).float() / 127.5 - 1.0  # [B, T, 3, H, W] in [-1, 1]
+        out += [to_uint8(r) for r in vae.decode(vae.encode(x)).cpu()]
+    return out
+
+
 @dataclass
 class Timing:
     seconds: float
