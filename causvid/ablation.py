@@ -290,7 +290,7 @@ class Ablation(Pipeline):
         return self.markdown(rows, long, self.plot_long(long)) + "\n" + stream
 
 
-def write_results(root: str, out_md: str = "docs/results.md", img_dir: str = "docs/img") -> str:
+def write_results(root: str, out_md: str = "docs/results.md", img_dir: str = "docs/img", preset: str = "default") -> str:
     """Compose ``docs/results.md`` from a finished quickstart + ablation run folder (copies the plots)."""
     import shutil
 
@@ -318,11 +318,12 @@ def write_results(root: str, out_md: str = "docs/results.md", img_dir: str = "do
     parts = [
         "# Results on the toy world", "",
         "Everything below was produced by two commands on the 2-core CPU development machine (no GPU), in one run folder:", "",
-        "```bash", f"python scripts/quickstart.py --out {root}", f"python scripts/reproduce_ablation.py --out {root}",
+        "```bash", f"python scripts/quickstart.py --preset {preset} --out {root}",
+        f"python scripts/reproduce_ablation.py --preset {preset} --out {root}",
         "```", "",
         "The toy metrics (`causvid/eval/toyworld_metrics.py`, `docs/toyworld.md`) are in [0, 1], higher is better; ground-truth "
         "toy videos score near 1, noise near 0. They are *not* VBench: compare orderings with the paper, not values.", "",
-        "## Quickstart (default preset)", "", quick.strip(), "",
+        f"## Quickstart ({preset} preset)", "", quick.strip(), "",
         "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.get("seconds", {}).items()), "",
         img("teacher_losses.png"), img("ode_losses.png"), img("dmd_losses.png"), "",
         "## CausVid Table 4 on the toy world", "",
@@ -347,6 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="sampling seeds per row")
     ap.add_argument("--long-factor", type=int, default=10, help="rollout length in training clips (Figure 8)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--results-md", metavar="PATH", help="also compose this markdown page (e.g. docs/results.md)")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=N",
                     help="override preset fields, e.g. eval_videos=8 (see causvid.quickstart.Preset)")
     args = ap.parse_args(argv)
@@ -357,4 +359,8 @@ def main(argv=None) -> int:
 
         ab.p = replace(ab.p, **{k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     print(ab.run_ablation())
+    if args.results_md:
+        out = args.out or f"runs/quickstart-{args.preset}"
+        print("wrote", write_results(out, args.results_md, os.path.join(os.path.dirname(args.results_md) or ".", "img"),
+                                     preset=args.preset))
     return 0
