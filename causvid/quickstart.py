@@ -165,12 +165,17 @@ class Pipeline:
         results[f"teacher ({self.p.teacher_eval_steps} steps, CFG)"] = E.score(v, prompts, fps)
         videos["teacher"], timing["teacher"] = v, tm.seconds / n
         del teacher
-        for name, folder in (("ODE-init student", "ode"), ("DMD student", "dmd")):
+        # "untrained": the causal student as ODE init starts it (the teacher's weights, chunk mask, few steps)
+        for name, folder in (("untrained causal student", "teacher"), ("ODE-init student", "ode"),
+                             ("DMD student", "dmd")):
             self.log(f"[eval] {name}")
             st = E.StudentRunner(self.path(folder, "final"), device=self.device)
             v, tm = st.generate(prompts, seeds)
             results[f"{name} ({len(st.sampler.steps)} steps/chunk)"] = E.score(v, prompts, fps)
-            videos[folder], timing[folder] = v, tm.seconds / n
+            if name.startswith("untrained"):
+                timing["untrained"] = tm.seconds / n
+            else:
+                videos[folder], timing[folder] = v, tm.seconds / n
         vid_dir = self.path("videos")
         os.makedirs(vid_dir, exist_ok=True)
         for key, vs in videos.items():
@@ -252,7 +257,8 @@ class Pipeline:
                  f"`{self.device}`. Held-out prompts: {len(summary['prompts'])}.", "",
                  "## Toy-world metrics (mean ± std over prompts; higher is better)", "", E.table_header("s / video")]
         per = summary["seconds_per_video"]
-        secs = {"ground truth": "", "teacher": per.get("teacher"), "ODE-init": per.get("ode"), "DMD": per.get("dmd")}
+        secs = {"ground truth": "", "teacher": per.get("teacher"), "untrained": per.get("untrained"),
+                "ODE-init": per.get("ode"), "DMD": per.get("dmd")}
         for name, agg in summary["metrics"].items():
             s = next((v for k, v in secs.items() if name.startswith(k)), "")
             lines.append(E.table_row(name, agg, f"{s:.2f}" if isinstance(s, float) else ""))
