@@ -52,7 +52,7 @@ PRESETS = {
     # not yet to place objects from pure noise (docs/results.md).
     "default": Preset(vae_steps=1500, num_videos=512, teacher_steps=1200, ode_pairs=48, ode_steps=300,
                       dmd_steps=200, eval_videos=16, teacher_eval_steps=50),
-    # The results of docs/results.md: the default with a 5000-step teacher (about 75 minutes on 2 CPU cores).
+    # The results of docs/results.md: the default with a 5000-step teacher (about 65 minutes on 2 CPU cores).
     "full": Preset(vae_steps=1500, num_videos=768, teacher_steps=5000, ode_pairs=64, ode_steps=400,
                    dmd_steps=300, eval_videos=16, teacher_eval_steps=50, causal_teacher_steps=600),
 }
