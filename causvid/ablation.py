@@ -96,6 +96,7 @@ class Ablation(Pipeline):
     def table(self) -> dict:
         from causvid.config import load_config
         from causvid.eval import toy_eval as E
+        from causvid.models.vae import vae_from_config
 
         out_json = self.path("ablation.json")
         if os.path.exists(out_json):
@@ -105,7 +106,8 @@ class Ablation(Pipeline):
         prompts, gt = E.heldout_set(self.p.eval_videos, cfg)
         rows = {"ground truth": {"per_seed": [E.score(gt, prompts, cfg.data.fps)]},
                 "ground truth, VAE round trip (ceiling)": {"per_seed": [E.score(
-                    E.vae_roundtrip(self._runner("teacher").vae, gt), prompts, cfg.data.fps)]}}
+                    E.vae_roundtrip(vae_from_config(cfg.vae, device=self.device).eval(), gt), prompts,
+                    cfg.data.fps)]}}
         for name, key in ROWS:
             self.log(f"[ablation] {name}")
             per_seed = []
@@ -167,8 +169,14 @@ class Ablation(Pipeline):
         ax.set_ylabel("frame quality (toy metric)")
         ax.set_title(f"Long rollout: {res['num_frames']} frames ({self.long_factor}x the training clips)")
         ax.legend(fontsize=8)
+        return self._save_plot(fig, "long_rollout.png")
+
+    def _save_plot(self, fig, name: str) -> str:
+        """Write a matplotlib figure to ``<run>/plots/<name>`` and close it; returns the path."""
+        import matplotlib.pyplot as plt
+
         fig.tight_layout()
-        out = self.path("plots", "long_rollout.png")
+        out = self.path("plots", name)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         fig.savefig(out, dpi=110)
         plt.close(fig)
@@ -255,11 +263,7 @@ class Ablation(Pipeline):
         ax.set_ylim(0, 1.05)
         ax.set_title(f"CausVid student, {res['factor']}x training length ({res['num_frames']} frames)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        plot = self.path("plots", "error_accumulation.png")
-        os.makedirs(os.path.dirname(plot), exist_ok=True)
-        fig.savefig(plot, dpi=110)
-        plt.close(fig)
+        plot = self._save_plot(fig, "error_accumulation.png")
         lines = ["| window (s) | temporal quality | frame quality | text alignment |", "|---|---|---|---|"]
         w = res["windows"]
         for i in sorted({0, 1, len(w) // 4, len(w) // 2, 3 * len(w) // 4, len(w) - 1}):

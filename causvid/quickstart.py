@@ -165,17 +165,17 @@ class Pipeline:
         results[f"teacher ({self.p.teacher_eval_steps} steps, CFG)"] = E.score(v, prompts, fps)
         videos["teacher"], timing["teacher"] = v, tm.seconds / n
         del teacher
-        # "untrained": the causal student as ODE init starts it (the teacher's weights, chunk mask, few steps)
-        for name, folder in (("untrained causal student", "teacher"), ("ODE-init student", "ode"),
-                             ("DMD student", "dmd")):
+        # (row, weights, key, keep videos); "untrained" is the causal student as ODE init starts it: the
+        # teacher's weights sampled with the chunk mask and few steps
+        for name, folder, key, keep in (("untrained causal student", "teacher", "untrained", False),
+                                        ("ODE-init student", "ode", "ode", True), ("DMD student", "dmd", "dmd", True)):
             self.log(f"[eval] {name}")
             st = E.StudentRunner(self.path(folder, "final"), device=self.device)
             v, tm = st.generate(prompts, seeds)
             results[f"{name} ({len(st.sampler.steps)} steps/chunk)"] = E.score(v, prompts, fps)
-            if name.startswith("untrained"):
-                timing["untrained"] = tm.seconds / n
-            else:
-                videos[folder], timing[folder] = v, tm.seconds / n
+            timing[key] = tm.seconds / n
+            if keep:
+                videos[key] = v
         vid_dir = self.path("videos")
         os.makedirs(vid_dir, exist_ok=True)
         for key, vs in videos.items():
