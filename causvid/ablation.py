@@ -49,12 +49,18 @@ PAPER = {
     "few-step: ODE init, bidirectional teacher (CausVid)": (94.7, 64.4, 30.1),
 }
 
+# Issue-7 prompt switching: per segment, these scores against its own prompt vs the other prompts (colour accuracy
+# is the part of text alignment that a weak student already gets right; the harmonic mean is 0 if any part is).
+SWITCH_KEYS = ("text_alignment", "color_accuracy")
+
 
 class Ablation(Pipeline):
-    def __init__(self, root: str, preset: str, device: str = "cpu", seeds: int = 3, long_factor: int = 10, log=print):
+    def __init__(self, root: str, preset: str, device: str = "cpu", seeds: int = 3, long_factor: int = 10,
+                 stream_factor: int = 20, log=print):
         super().__init__(root, preset, device, log)
         self.num_seeds = seeds
         self.long_factor = long_factor
+        self.stream_factor = stream_factor
 
     # -- the extra networks ---------------------------------------------------------------------------------------
     def causal_teacher(self) -> None:
@@ -202,9 +208,10 @@ class Ablation(Pipeline):
             f.write(text)
         return text
 
-    def streaming(self, factor: int = 20, num_videos: int = 2) -> dict:
+    def streaming(self, factor: Optional[int] = None, num_videos: Optional[int] = None) -> dict:
         """Issue-7 measurements for the CausVid student: a rollout ``factor`` x the training clips (rolling
-        cache) scored per window, and text alignment per segment under prompt switching."""
+        cache) scored per window, and text alignment per segment under prompt switching (``num_videos``
+        prompts each; default half the evaluation set, at least 2)."""
         from causvid.config import load_config
         from causvid.eval import toy_eval as E
         from causvid.eval import toyworld_metrics as M
@@ -216,6 +223,8 @@ class Ablation(Pipeline):
         cfg = load_config(str(CONFIGS / "teacher.yaml"), self.common())
         d = cfg.data
         latent = (d.num_frames - 1) // 4 + 1
+        num_videos = num_videos or max(2, self.p.eval_videos // 2)
+        factor = factor or self.stream_factor
         prompts, _ = E.heldout_set(num_videos, cfg)
         st = E.StudentRunner(self.path("dmd", "final"), device=self.device).sampler
         st.window_chunks, st.sink_chunks = latent // cfg.model.chunk_size, 1
@@ -235,10 +244,12 @@ class Ablation(Pipeline):
             bounds = [0, st.pixel_frames(latent), st.pixel_frames(2 * latent), v.shape[0]]
             for k in range(3):
                 seg = v[bounds[k]:bounds[k + 1]]
-                own = M.score_video(seg, ps[k], fps=d.fps)["text_alignment"]
-                other = float(np.nanmean([M.score_video(seg, ps[j], fps=d.fps)["text_alignment"]
-                                          for j in range(3) if j != k]))
-                rows.append({"video": i, "segment": k, "own_prompt": own, "other_prompts": other})
+                scores = [M.score_video(seg, ps[j], fps=d.fps) for j in range(3)]  # the segment against each prompt
+                row = {"video": i, "segment": k}
+                for key in SWITCH_KEYS:
+                    row[key] = {"own": float(scores[k][key]),
+                                "other": float(np.nanmean([scores[j][key] for j in range(3) if j != k]))}
+                rows.append(row)
         res = {"num_frames": num_frames, "factor": factor, "seconds": secs, "windows": windows, "switch": rows,
                "fps": d.fps, "window_frames": d.num_frames}
         with open(out_json, "w") as f:
@@ -251,33 +262,35 @@ class Ablation(Pipeline):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = ("temporal_quality", "frame_quality", "text_alignment")
+        keys = ("temporal_quality", "frame_quality", "text_alignment", "color_accuracy", "object_count")
         fig, ax = plt.subplots(figsize=(6.5, 3.5))
         x = [w["start"] / res["fps"] for w in res["windows"]]
         for k in keys:
             m = np.array([w["mean"][k] for w in res["windows"]])
-            sd = np.array([w["std"][k] for w in res["windows"]])
             ax.plot(x, m, label=k.replace("_", " "))
-            ax.fill_between(x, m - sd, m + sd, alpha=0.15)
         ax.set_xlabel("time (s)")
         ax.set_ylim(0, 1.05)
-        ax.set_title(f"CausVid student, {res['factor']}x training length ({res['num_frames']} frames)")
-        ax.legend(fontsize=8)
+        n = res["windows"][0]["n"]
+        ax.set_title(f"CausVid student, {res['factor']}x training length ({res['num_frames']} frames, {n} videos)",
+                     fontsize=9)
+        ax.legend(fontsize=7)
         plot = self._save_plot(fig, "error_accumulation.png")
-        lines = ["| window (s) | temporal quality | frame quality | text alignment |", "|---|---|---|---|"]
+        lines = ["| window (s) | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+                 "|---|" + "---|" * len(keys)]
         w = res["windows"]
         for i in sorted({0, 1, len(w) // 4, len(w) // 2, 3 * len(w) // 4, len(w) - 1}):
             lines.append(f"| {w[i]['start'] / res['fps']:.0f}-{w[i]['end'] / res['fps']:.0f} | "
-                         + " | ".join(f"{w[i]['mean'][k]:.3f}" for k in keys) + " |")
-        own = [r["own_prompt"] for r in res["switch"]]
-        oth = [r["other_prompts"] for r in res["switch"]]
-        lines += ["", "Prompt switching (3 segments of one training clip each; text alignment of a segment against its "
-                  "own prompt vs the other two prompts):", "", "| segment | own prompt | other prompts |", "|---|---|---|"]
-        for k in range(3):
-            a = [r["own_prompt"] for r in res["switch"] if r["segment"] == k]
-            b = [r["other_prompts"] for r in res["switch"] if r["segment"] == k]
-            lines.append(f"| {k} | {np.nanmean(a):.3f} | {np.nanmean(b):.3f} |")
-        lines.append(f"| all | {np.nanmean(own):.3f} | {np.nanmean(oth):.3f} |")
+                         + " | ".join(f"{w[i]['mean'][k]:.3f} ± {w[i]['std'][k]:.3f}" for k in keys) + " |")
+        nv = len({r["video"] for r in res["switch"]})
+        lines += ["", f"Prompt switching ({nv} videos of 3 segments, one training clip each, three different "
+                  "prompts): each segment scored against its own prompt and against the other two.", "",
+                  "| segment | " + " | ".join(f"{k.replace('_', ' ')}: own / other" for k in SWITCH_KEYS) + " |",
+                  "|---|" + "---|" * len(SWITCH_KEYS)]
+        for k in (0, 1, 2, None):
+            sel = [r for r in res["switch"] if k is None or r["segment"] == k]
+            cells = [f"{np.nanmean([r[key]['own'] for r in sel]):.3f} / {np.nanmean([r[key]['other'] for r in sel]):.3f}"
+                     for key in SWITCH_KEYS]
+            lines.append(f"| {'all' if k is None else k} | " + " | ".join(cells) + " |")
         lines += ["", f"![error accumulation]({plot})"]
         text = "\n".join(lines) + "\n"
         with open(self.path("streaming.md"), "w") as f:
@@ -351,13 +364,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="run folder (default runs/quickstart-<preset>, shared with the quickstart)")
     ap.add_argument("--seeds", type=int, default=3, help="sampling seeds per row")
     ap.add_argument("--long-factor", type=int, default=10, help="rollout length in training clips (Figure 8)")
+    ap.add_argument("--stream-factor", type=int, default=20,
+                    help="rollout length in training clips of the streaming error-accumulation measurement")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results-md", metavar="PATH", help="also compose this markdown page (e.g. docs/results.md)")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=N",
                     help="override preset fields, e.g. eval_videos=8 (see causvid.quickstart.Preset)")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    ab = Ablation(args.out or f"runs/quickstart-{args.preset}", args.preset, args.device, args.seeds, args.long_factor)
+    ab = Ablation(args.out or f"runs/quickstart-{args.preset}", args.preset, args.device, args.seeds, args.long_factor,
+                  args.stream_factor)
     if args.set:
         from dataclasses import replace
 
