@@ -48,8 +48,8 @@ PRESETS = {
     # <= 5 minutes on 2 CPU cores: every stage, every output file; the models are barely trained.
     "fast": Preset(vae_steps=250, num_videos=96, teacher_steps=150, ode_pairs=16, ode_steps=60, dmd_steps=40,
                    eval_videos=4, teacher_eval_steps=25, ode_pair_steps=25),
-    # <= 30 minutes on 2 CPU cores (measured 22 min 46 s): a good VAE (29.6 dB), a teacher that has learnt backgrounds and colours but
-    # not yet to place objects from pure noise (docs/results.md).
+    # <= 30 minutes on 2 CPU cores (measured 22 min 46 s): a good VAE (29.6 dB), a teacher that has learnt
+    # backgrounds and colours but not yet to place objects from pure noise (docs/results.md).
     "default": Preset(vae_steps=1500, num_videos=512, teacher_steps=1200, ode_pairs=48, ode_steps=300,
                       dmd_steps=200, eval_videos=16, teacher_eval_steps=50),
     # The results of docs/results.md: the default with a 5000-step teacher (about 65 minutes on 2 CPU cores).
