@@ -340,7 +340,7 @@ def write_results(root: str, out_md: str = "docs/results.md", img_dir: str = "do
         "```", "",
         "The toy metrics (`causvid/eval/toyworld_metrics.py`, `docs/toyworld.md`) are in [0, 1], higher is better; ground-truth "
         "toy videos score near 1, noise near 0. They are *not* VBench: compare orderings with the paper, not values.", "",
-        f"## Quickstart ({preset} preset)", "", quick.strip(), "",
+        f"## Quickstart ({preset} preset)", "", quick.strip(), "", img("samples_grid.png"), "",
         "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.get("seconds", {}).items()), "",
         img("teacher_losses.png"), img("ode_losses.png"), img("dmd_losses.png"), "",
         "## CausVid Table 4 on the toy world", "",

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 CONFIGS = REPO / "configs" / "toy"
@@ -247,7 +249,51 @@ class Pipeline:
             fig.savefig(out, dpi=100)
             plt.close(fig)
             made.append(out)
-        return made
+        grid = self.samples_grid()
+        return made + ([grid] if grid else [])
+
+    def samples_grid(self, keys=("ground_truth", "teacher", "ode", "dmd")) -> Optional[str]:
+        """``plots/samples_grid.png``: the first, middle and last frame of each model's sample videos
+        (``videos/<key>_<i>.mp4``), one row per held-out prompt, one column group per model."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from causvid.video_io import read_video
+
+        rows = []
+        for i in range(4):
+            paths = [self.path("videos", f"{k}_{i}.mp4") for k in keys]
+            if not all(os.path.exists(q) for q in paths):
+                break
+            groups = []
+            for q in paths:
+                v = read_video(q)  # uint8 [T, H, W, 3]
+                picks = (0, len(v) // 2, len(v) - 1)
+                groups.append(np.concatenate([v[t] for t in picks], axis=1))  # [H, 3W, 3]
+            gap = np.full((groups[0].shape[0], 4, 3), 255, np.uint8)
+            row = np.concatenate([x for g in groups for x in (g, gap)][:-1], axis=1)  # [H, 3W * len(keys) + gaps, 3]
+            rows.append(row)
+        if not rows:
+            return None
+        image = np.concatenate([x for r in rows for x in (r, np.full((4, *r.shape[1:]), 255, np.uint8))][:-1])
+        H, width = rows[0].shape[0], rows[0].shape[1] // len(keys)
+        fig, ax = plt.subplots(figsize=(image.shape[1] / 60, image.shape[0] / 60 + 0.4))
+        ax.imshow(image)
+        ax.set_xticks([width * (j + 0.5) for j in range(len(keys))], [k.replace("_", " ") for k in keys])
+        ax.set_yticks([(H + 4) * r + H / 2 for r in range(len(rows))], [str(r) for r in range(len(rows))])
+        ax.set_ylabel("held-out prompt")
+        ax.tick_params(length=0)
+        ax.xaxis.tick_top()
+        for side in ax.spines.values():
+            side.set_visible(False)
+        fig.tight_layout()
+        out = self.path("plots", "samples_grid.png")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
 
     def report(self, summary: dict, plots: list[str]) -> str:
         from causvid.eval import toy_eval as E
@@ -271,10 +317,15 @@ class Pipeline:
                   f" | {lat['teacher_fps']:.2f} |", "",
                   f"Latency speed-up {lat['latency_speedup']:.0f}x, throughput speed-up {lat['throughput_speedup']:.1f}x.",
                   "", "## Videos", ""]
+        grid = [p for p in plots if os.path.basename(p) == "samples_grid.png"]
+        if grid:
+            lines += ["First, middle and last frame per model and prompt:", "", "![samples grid](plots/samples_grid.png)",
+                      ""]
         vids = sorted(f for f in os.listdir(self.path("videos")) if f.endswith(".gif"))
         for f in vids:
             lines.append(f"![{f}](videos/{f})")
-        lines += ["", "## Loss curves", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
+        lines += ["", "## Loss curves", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})"
+                                               for p in plots if p not in grid]
         lines += ["", "## Stage times (this run)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in self.times.items()]
         text = "\n".join(lines) + "\n"

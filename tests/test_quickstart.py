@@ -16,7 +16,8 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     Pipeline(str(root), "smoke").run_all()
     for rel in ("vae/vae.safetensors", "latents/index.json", "teacher/final/model.safetensors",
                 "ode_pairs/index.json", "ode/final/model.safetensors", "dmd/final/model.safetensors",
-                "dmd/final/config.yaml", "index.md", "index.html", "metrics.json", "plots/dmd_losses.png"):
+                "dmd/final/config.yaml", "index.md", "index.html", "metrics.json", "plots/dmd_losses.png",
+                "plots/samples_grid.png"):
         assert (root / rel).exists(), rel
     summary = json.loads((root / "metrics.json").read_text())
     names = list(summary["metrics"])
@@ -50,7 +51,7 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     md = write_results(str(root), str(tmp_path / "results.md"), str(tmp_path / "img"), preset="smoke")
     text = open(md).read()
     assert "CausVid Table 4" in text and "Prompt switching" in text
-    assert (tmp_path / "img" / "long_rollout.png").exists()
+    assert (tmp_path / "img" / "long_rollout.png").exists() and (tmp_path / "img" / "samples_grid.png").exists()
 
 
 def test_presets_are_ordered():
