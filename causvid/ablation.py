@@ -175,18 +175,7 @@ class Ablation(Pipeline):
         ax.set_ylabel("frame quality (toy metric)")
         ax.set_title(f"Long rollout: {res['num_frames']} frames ({self.long_factor}x the training clips)")
         ax.legend(fontsize=8)
-        return self._save_plot(fig, "long_rollout.png")
-
-    def _save_plot(self, fig, name: str) -> str:
-        """Write a matplotlib figure to ``<run>/plots/<name>`` and close it; returns the path."""
-        import matplotlib.pyplot as plt
-
-        fig.tight_layout()
-        out = self.path("plots", name)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
-        return out
+        return self.save_plot(fig, "long_rollout.png", dpi=110)
 
     def markdown(self, rows: dict, long: dict, plot: str) -> str:
         lines = ["| method | temporal quality | frame quality | text alignment | total | paper (TQ / FQ / TA) |",
@@ -274,7 +263,7 @@ class Ablation(Pipeline):
         ax.set_title(f"CausVid student, {res['factor']}x training length ({res['num_frames']} frames, {n} videos)",
                      fontsize=9)
         ax.legend(fontsize=7)
-        plot = self._save_plot(fig, "error_accumulation.png")
+        plot = self.save_plot(fig, "error_accumulation.png", dpi=110)
         lines = ["| window (s) | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
                  "|---|" + "---|" * len(keys)]
         w = res["windows"]

@@ -243,14 +243,19 @@ class Pipeline:
             ax.set_yscale("log")
             ax.set_title(f"{name} losses")
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            out = self.path("plots", f"{name}_losses.png")
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            fig.savefig(out, dpi=100)
-            plt.close(fig)
-            made.append(out)
-        grid = self.samples_grid()
-        return made + ([grid] if grid else [])
+            made.append(self.save_plot(fig, f"{name}_losses.png"))
+        return made
+
+    def save_plot(self, fig, name: str, dpi: int = 100) -> str:
+        """Write a matplotlib figure to ``<run>/plots/<name>`` and close it; returns the path."""
+        import matplotlib.pyplot as plt
+
+        fig.tight_layout()
+        out = self.path("plots", name)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        fig.savefig(out, dpi=dpi)
+        plt.close(fig)
+        return out
 
     def samples_grid(self, keys=("ground_truth", "teacher", "ode", "dmd")) -> Optional[str]:
         """``plots/samples_grid.png``: the first, middle and last frame of each model's sample videos
@@ -288,14 +293,9 @@ class Pipeline:
         ax.xaxis.tick_top()
         for side in ax.spines.values():
             side.set_visible(False)
-        fig.tight_layout()
-        out = self.path("plots", "samples_grid.png")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        return out
+        return self.save_plot(fig, "samples_grid.png")
 
-    def report(self, summary: dict, plots: list[str]) -> str:
+    def report(self, summary: dict, plots: list[str], grid: Optional[str] = None) -> str:
         from causvid.eval import toy_eval as E
 
         lines = [f"# causvid quickstart ({self.preset_name})", "",
@@ -317,15 +317,13 @@ class Pipeline:
                   f" | {lat['teacher_fps']:.2f} |", "",
                   f"Latency speed-up {lat['latency_speedup']:.0f}x, throughput speed-up {lat['throughput_speedup']:.1f}x.",
                   "", "## Videos", ""]
-        grid = [p for p in plots if os.path.basename(p) == "samples_grid.png"]
         if grid:
-            lines += ["First, middle and last frame per model and prompt:", "", "![samples grid](plots/samples_grid.png)",
-                      ""]
+            lines += ["First, middle and last frame per model and prompt:", "",
+                      f"![samples grid](plots/{os.path.basename(grid)})", ""]
         vids = sorted(f for f in os.listdir(self.path("videos")) if f.endswith(".gif"))
         for f in vids:
             lines.append(f"![{f}](videos/{f})")
-        lines += ["", "## Loss curves", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})"
-                                               for p in plots if p not in grid]
+        lines += ["", "## Loss curves", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots]
         lines += ["", "## Stage times (this run)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in self.times.items()]
         text = "\n".join(lines) + "\n"
@@ -370,7 +368,7 @@ class Pipeline:
         for stage in (self.text_encoder, self.vae, self.latents, self.teacher, self.ode_pairs, self.ode, self.dmd):
             stage()
         summary = self.evaluate()
-        path = self.report(summary, self.plots())
+        path = self.report(summary, self.plots(), self.samples_grid())
         self.times["total"] = time.perf_counter() - t0
         with open(self.path("times.json"), "w") as f:
             json.dump({"preset": asdict(self.p), "seconds": self.times}, f, indent=2)
