@@ -98,7 +98,9 @@ class OptimConfig:
     weight_decay: float = 0.01
     eps: float = 1e-8
     grad_clip: float = 10.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up over the first steps
+    decay_steps: int = 0  # cosine decay over the last steps of train.max_steps (0: constant after warm-up)
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
 
 
 @dataclass

@@ -8,6 +8,7 @@ guarantee to its test.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -19,6 +20,7 @@ from causvid.models.weights import load_safetensors
 from causvid.train import checkpoint as ckpt
 from causvid.train.data import ResumableLoader, ResumableSampler, collate, epoch_permutation
 from causvid.train.ema import EMA
+from causvid.train.lr import lr_multiplier
 from causvid.train.trainer import LossLog, Trainer, export_config, main, run
 from tests.helpers_dummy_stage import DummyDataset, DummyStage
 
@@ -175,6 +177,26 @@ def test_exact_resume_equals_uninterrupted_run(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_lr_decay_resumed_from_the_plateau_equals_one_run(tmp_path):
+    """Warm-up-stable-decay: a constant-lr run continued with a longer max_steps and a decay equals one run with it."""
+    decay = {"train.optim.decay_steps": 4, "train.optim.min_lr_ratio": 0.1, "dmd.critic_optim.decay_steps": 4}
+    full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    run(make_cfg(full_dir, **decay), stage=DummyStage(make_cfg(full_dir, **decay)))
+    from accelerate.state import AcceleratorState
+
+    for over in ({"train.max_steps": 3}, {"train.resume": "latest", **decay}):
+        AcceleratorState._reset_state(True)
+        run(make_cfg(split_dir, **over), stage=DummyStage(make_cfg(split_dir, **over)))
+    assert_same_checkpoint(str(full_dir / "checkpoint-7"), str(split_dir / "checkpoint-7"))
+    assert records(full_dir) == records(split_dir)
+    # hand-computed: warm-up over 2 steps, plateau, cosine over the last 4 of 7 steps (progress (s - 3) / 4)
+    cos = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    lr = {s: r for s, r in enumerate(records(split_dir))}
+    assert [lr[s]["lr/generator"] for s in (0, 2, 4, 6)] == pytest.approx([0.005, 0.01, 0.01 * cos[1], 0.01 * cos[3]])
+    cos0 = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]  # the critic's min_lr_ratio is 0
+    assert [lr[s]["lr/critic"] for s in range(7)] == pytest.approx([0.02] * 4 + [0.02 * c for c in cos0[1:]])
+
+
 def test_losslog_truncates_records_after_the_resume_step(tmp_path):
     path = str(tmp_path / "losses.jsonl")
     with open(path, "w") as f:
@@ -245,7 +267,9 @@ def test_bad_configs_fail_before_any_model_is_built(tmp_path, capsys):
     stage = DummyStage(make_cfg(tmp_path))
     for over, key in [({"train.log_every": 0}, "train.log_every"), ({"train.ema_decay": 1.5}, "train.ema_decay"),
                       ({"dmd.critic_optim.eps": 0.0}, "dmd.critic_optim.eps"),
-                      ({"train.batch_size": 9}, "train.batch_size")]:
+                      ({"train.batch_size": 9}, "train.batch_size"),
+                      ({"train.optim.min_lr_ratio": 1.5}, "train.optim.min_lr_ratio"),
+                      ({"dmd.critic_optim.decay_steps": -1}, "dmd.critic_optim.decay_steps")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             Trainer(make_cfg(tmp_path, **over), stage=stage)
     with pytest.raises(ckpt.CheckpointError, match="not found"):
@@ -352,3 +376,15 @@ def test_activation_checkpointing_policy_keeps_gradients():
     dit = WanDiT(dit_config("tiny"))
     set_activation_checkpointing(dit, True)
     assert dit.gradient_checkpointing is True
+
+
+def test_lr_multiplier_hand_computed():
+    assert [lr_multiplier(s, 10, warmup=4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert lr_multiplier(9, 10, warmup=4) == 1.0  # decay_steps=0: constant after warm-up
+    # decay over the last 4 of 10 steps: start 6, progress (s - 6) / 4, cosine to 0
+    assert [lr_multiplier(s, 10, 0, 4) for s in (5, 6, 8, 10)] == pytest.approx([1.0, 1.0, 0.5, 0.0], abs=1e-12)
+    # a decay longer than the run starts at the end of the warm-up (the VAE trainer's warm-up + cosine)
+    assert lr_multiplier(2, 10, 2, 100, 0.2) == 1.0
+    assert lr_multiplier(6, 10, 2, 100, 0.2) == pytest.approx(0.2 + 0.8 * 0.5)
+    # warm-up-stable-decay: the plateau does not depend on the run length, so a longer resumed run agrees before it
+    assert all(lr_multiplier(s, 100, 5, 20) == lr_multiplier(s, 200, 5, 20) for s in range(80))

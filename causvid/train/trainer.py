@@ -47,6 +47,7 @@ from . import checkpoint as ckpt
 from . import parallel
 from .data import ResumableLoader, ResumableSampler, mix_seed
 from .ema import EMA
+from .lr import lr_multiplier
 from .stage import Stage, build_stage
 
 __all__ = ["Trainer", "run", "main", "NonFiniteError", "LossLog", "check_train_config", "step_rng"]
@@ -81,6 +82,8 @@ def check_train_config(cfg: DictConfig) -> None:
             (all(0.0 <= b < 1.0 for b in o.betas), f"{prefix}.betas", "two values in [0, 1)"),
             (o.grad_clip >= 0, f"{prefix}.grad_clip", ">= 0 (0: no clipping)"),
             (o.warmup_steps >= 0, f"{prefix}.warmup_steps", ">= 0"),
+            (o.decay_steps >= 0, f"{prefix}.decay_steps", ">= 0 (0: no decay)"),
+            (0.0 <= o.min_lr_ratio <= 1.0, f"{prefix}.min_lr_ratio", "in [0, 1]"),
         ]
     for ok, key, what in rules:
         if not ok:
@@ -358,9 +361,9 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- step
     def _lr(self, name: str, step: int) -> float:
-        warm = int(self.stage.optim_config(name).warmup_steps)
-        scale = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
-        return self.base_lr[name] * scale
+        o = self.stage.optim_config(name)
+        return self.base_lr[name] * lr_multiplier(step, int(self.cfg.train.max_steps), int(o.warmup_steps),
+                                                  int(o.decay_steps), float(o.min_lr_ratio))
 
     def _update(self, name: str, step: int, u: int, record: dict) -> None:
         """One optimizer update of ``name`` (``grad_accum`` micro-batches), guarded against NaN/Inf."""

@@ -31,6 +31,7 @@ from torch import nn
 
 from causvid.config import save_config
 from causvid.models.vae import CausalConv3d, WanVAE, save_vae, vae_arch
+from causvid.train.lr import lr_multiplier
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,8 @@ class VAETrainOptions:
         """Multiplier of the base lr: warm-up + cosine per phase (``restart_lr``) or over the whole run."""
         i, n, phase = self.position(step, total)
         if not self.restart_lr:
-            return phase.lr_scale * lr_at(step, total, warmup, self.min_lr_ratio)
-        return phase.lr_scale * lr_at(i, n, warmup, self.min_lr_ratio)
+            return phase.lr_scale * lr_multiplier(step, total, warmup, total, self.min_lr_ratio)
+        return phase.lr_scale * lr_multiplier(i, n, warmup, n, self.min_lr_ratio)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,14 +222,6 @@ def random_subclip(video: torch.Tensor, clip_frames: int, crop: int, gen: torch.
         x0 = int(torch.randint(0, w - crop + 1, (1,), generator=gen))
         video = video[:, :, y0:y0 + crop, x0:x0 + crop]
     return video
-
-
-def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay from 1 to ``min_ratio`` (a multiplier of the base lr)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
