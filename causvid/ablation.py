@@ -199,8 +199,9 @@ class Ablation(Pipeline):
 
     def streaming(self, factor: Optional[int] = None, num_videos: Optional[int] = None) -> dict:
         """Issue-7 measurements for the CausVid student: a rollout ``factor`` x the training clips (rolling
-        cache) scored per window, and text alignment per segment under prompt switching (``num_videos``
-        prompts each; default half the evaluation set, at least 2)."""
+        cache of one training clip plus a sink chunk) scored per window, the same rollout without the sink chunk,
+        and text alignment per segment under prompt switching (``num_videos`` prompts each; default half the
+        evaluation set, at least 2)."""
         from causvid.config import load_config
         from causvid.eval import toy_eval as E
         from causvid.eval import toyworld_metrics as M
@@ -216,12 +217,15 @@ class Ablation(Pipeline):
         factor = factor or self.stream_factor
         prompts, _ = E.heldout_set(num_videos, cfg)
         st = E.StudentRunner(self.path("dmd", "final"), device=self.device).sampler
-        st.window_chunks, st.sink_chunks = latent // cfg.model.chunk_size, 1
         num_frames = 1 + 4 * (latent * factor - 1)
-        t0 = time.perf_counter()
-        vids = [np.asarray(st.generate(p, num_frames=num_frames, seed=9000 + i)) for i, p in enumerate(prompts)]
-        secs = time.perf_counter() - t0
-        windows = E.score_windows(vids, prompts, d.num_frames, d.fps)
+        windows, secs = {}, 0.0
+        for sink in (1, 0):  # the rolling cache of one training clip with a sink chunk, and without (same seeds)
+            st.window_chunks, st.sink_chunks = latent // cfg.model.chunk_size, sink
+            t0 = time.perf_counter()
+            vids = [np.asarray(st.generate(p, num_frames=num_frames, seed=9000 + i)) for i, p in enumerate(prompts)]
+            secs = secs if sink == 0 else time.perf_counter() - t0
+            windows[sink] = E.score_windows(vids, prompts, d.num_frames, d.fps)
+        st.sink_chunks = 1
         # prompt switching: 3 segments of one training clip each, different prompts
         seg_chunks = latent // cfg.model.chunk_size
         sw_prompts, _ = E.heldout_set(3 * num_videos, cfg)
@@ -239,7 +243,8 @@ class Ablation(Pipeline):
                     row[key] = {"own": float(scores[k][key]),
                                 "other": float(np.nanmean([scores[j][key] for j in range(3) if j != k]))}
                 rows.append(row)
-        res = {"num_frames": num_frames, "factor": factor, "seconds": secs, "windows": windows, "switch": rows,
+        res = {"num_frames": num_frames, "factor": factor, "seconds": secs, "windows": windows[1],
+               "windows_no_sink": windows[0], "switch": rows,
                "fps": d.fps, "window_frames": d.num_frames}
         with open(out_json, "w") as f:
             json.dump(res, f, indent=2, default=float)
@@ -257,6 +262,9 @@ class Ablation(Pipeline):
         for k in keys:
             m = np.array([w["mean"][k] for w in res["windows"]])
             ax.plot(x, m, label=k.replace("_", " "))
+        if res.get("windows_no_sink"):
+            ax.plot(x, [w["mean"]["frame_quality"] for w in res["windows_no_sink"]], "k--",
+                    label="frame quality, no sink chunk")
         ax.set_xlabel("time (s)")
         ax.set_ylim(0, 1.05)
         n = res["windows"][0]["n"]
@@ -264,12 +272,19 @@ class Ablation(Pipeline):
                      fontsize=9)
         ax.legend(fontsize=7)
         plot = self.save_plot(fig, "error_accumulation.png", dpi=110)
-        lines = ["| window (s) | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
-                 "|---|" + "---|" * len(keys)]
+        ns = res.get("windows_no_sink") or []
+        lines = ["| window (s) | " + " | ".join(k.replace("_", " ") for k in keys)
+                 + (" | frame quality, no sink chunk" if ns else "") + " |", "|---|" + "---|" * (len(keys) + bool(ns))]
         w = res["windows"]
         for i in sorted({0, 1, len(w) // 4, len(w) // 2, 3 * len(w) // 4, len(w) - 1}):
             lines.append(f"| {w[i]['start'] / res['fps']:.0f}-{w[i]['end'] / res['fps']:.0f} | "
-                         + " | ".join(f"{w[i]['mean'][k]:.3f} ± {w[i]['std'][k]:.3f}" for k in keys) + " |")
+                         + " | ".join(f"{w[i]['mean'][k]:.3f} ± {w[i]['std'][k]:.3f}" for k in keys)
+                         + (f" | {ns[i]['mean']['frame_quality']:.3f} ± {ns[i]['std']['frame_quality']:.3f}" if ns else "")
+                         + " |")
+        if ns:
+            fq = [np.array([v["mean"]["frame_quality"] for v in ws]) for ws in (w, ns)]
+            lines += ["", f"Frame quality over all windows: with the sink chunk mean {fq[0].mean():.3f} "
+                      f"(min {fq[0].min():.3f}), without {fq[1].mean():.3f} (min {fq[1].min():.3f})."]
         nv = len({r["video"] for r in res["switch"]})
         lines += ["", f"Prompt switching ({nv} videos of 3 segments, one training clip each, three different "
                   "prompts): each segment scored against its own prompt and against the other two.", "",

@@ -45,7 +45,7 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     long = json.loads((root / "long_rollout.json").read_text())
     assert len(long["curves"]) == 3 and all(len(c["windows"]) == 2 for c in long["curves"].values())
     stream = json.loads((root / "streaming.json").read_text())
-    assert stream["factor"] == 3 and len(stream["windows"]) == 3
+    assert stream["factor"] == 3 and len(stream["windows"]) == 3 == len(stream["windows_no_sink"])
     assert len(stream["switch"]) == 3 * 2  # eval_videos 2 -> 2 videos of 3 segments
     assert all(set(r[k]) == {"own", "other"} for r in stream["switch"] for k in SWITCH_KEYS)
     md = write_results(str(root), str(tmp_path / "results.md"), str(tmp_path / "img"), preset="smoke")
