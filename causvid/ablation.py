@@ -20,6 +20,7 @@ per-seed means. Figure 8: frame quality per time window over rollouts ``long_fac
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Optional
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 
 from causvid.quickstart import CONFIGS, PRESETS, Pipeline
+
+log = logging.getLogger(__name__)
 
 ROWS = [
     ("many-step bidirectional", "teacher"),
@@ -218,14 +221,14 @@ class Ablation(Pipeline):
         prompts, _ = E.heldout_set(num_videos, cfg)
         st = E.StudentRunner(self.path("dmd", "final"), device=self.device).sampler
         num_frames = 1 + 4 * (latent * factor - 1)
-        windows, secs = {}, 0.0
+        windows, secs = {}, {}
         for sink in (1, 0):  # the rolling cache of one training clip with a sink chunk, and without (same seeds)
             st.window_chunks, st.sink_chunks = latent // cfg.model.chunk_size, sink
             t0 = time.perf_counter()
             vids = [np.asarray(st.generate(p, num_frames=num_frames, seed=9000 + i)) for i, p in enumerate(prompts)]
-            secs = secs if sink == 0 else time.perf_counter() - t0
+            secs[sink] = time.perf_counter() - t0
             windows[sink] = E.score_windows(vids, prompts, d.num_frames, d.fps)
-        st.sink_chunks = 1
+        st.sink_chunks = 1  # prompt switching below streams with the sink chunk
         # prompt switching: 3 segments of one training clip each, different prompts
         seg_chunks = latent // cfg.model.chunk_size
         sw_prompts, _ = E.heldout_set(3 * num_videos, cfg)
@@ -243,7 +246,7 @@ class Ablation(Pipeline):
                     row[key] = {"own": float(scores[k][key]),
                                 "other": float(np.nanmean([scores[j][key] for j in range(3) if j != k]))}
                 rows.append(row)
-        res = {"num_frames": num_frames, "factor": factor, "seconds": secs, "windows": windows[1],
+        res = {"num_frames": num_frames, "factor": factor, "seconds": secs[1], "windows": windows[1],
                "windows_no_sink": windows[0], "switch": rows,
                "fps": d.fps, "window_frames": d.num_frames}
         with open(out_json, "w") as f:
@@ -375,6 +378,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=N",
                     help="override preset fields, e.g. eval_videos=8 (see causvid.quickstart.Preset)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_flush_denormal(True)
     ab = Ablation(args.out or f"runs/quickstart-{args.preset}", args.preset, args.device, args.seeds, args.long_factor,
                   args.stream_factor)
@@ -385,6 +389,6 @@ def main(argv=None) -> int:
     print(ab.run_ablation())
     if args.results_md:
         out = args.out or f"runs/quickstart-{args.preset}"
-        print("wrote", write_results(out, args.results_md, os.path.join(os.path.dirname(args.results_md) or ".", "img"),
-                                     preset=args.preset))
+        log.info("wrote %s", write_results(out, args.results_md,
+                                           os.path.join(os.path.dirname(args.results_md) or ".", "img"), preset=args.preset))
     return 0

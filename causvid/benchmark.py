@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import logging
 import math
 import os
 import platform
@@ -45,6 +46,8 @@ from causvid.models.attention import ChunkLayout, CrossAttnCache
 from causvid.models.dit import WanDiT
 from causvid.models.registry import DiTConfig, dit_config
 from causvid.sampler import causal_sample_chunks, guided_flow, teacher_sample
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------
 # Options
@@ -1139,7 +1142,7 @@ def _section(results: dict, name: str, fn: Callable[[], Any]) -> Any:
     if value is None and torch.cuda.is_available():
         torch.cuda.empty_cache()  # after the except block, so the failed frames' tensors are gone
     results.setdefault("section_wall_s", {})[name] = time.perf_counter() - t0
-    print(f"[benchmark] {name}: {time.perf_counter() - t0:.1f} s" + (" (failed)" if value is None else ""), flush=True)
+    log.info("%s: %.1f s%s", name, time.perf_counter() - t0, " (failed)" if value is None else "")
     return value
 
 
@@ -1512,6 +1515,7 @@ def build_arg_parser():
 def main(argv: Optional[list[str]] = None) -> int:
     p = build_arg_parser()
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.merge:
         if not args.out_dir:
             p.error("--merge needs --out-dir")
@@ -1521,7 +1525,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 runs.append(json.load(f))
         results = merge_results(runs)
         paths = write_reports(results, args.out_dir, args.plots_dir)
-        print(f"merged {len(runs)} runs into {paths['json']} and {paths['markdown']}")
+        log.info("merged %d runs into %s and %s", len(runs), paths["json"], paths["markdown"])
         return 0
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions) if hasattr(args, f.name)}
     kw["sections"] = tuple(s.strip() for s in args.sections.split(",") if s.strip())
@@ -1535,5 +1539,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir = args.out_dir or os.path.join("runs", "benchmark", f"{opts.size}_{results['meta']['device_type']}")
     paths = write_reports(results, out_dir, args.plots_dir)
     print(render_markdown(results))
-    print(f"wrote {paths['json']} and {paths['markdown']}" + (f"; plots {results['plots']}" if results["plots"] else ""))
+    log.info("wrote %s and %s%s", paths["json"], paths["markdown"], f"; plots {results['plots']}" if results["plots"] else "")
     return 0
