@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,13 @@ ROWS = [
     ("few-step: ODE init, no teacher", "ode"),
     ("few-step: ODE init, causal teacher", "dmd_causal"),
     ("few-step: ODE init, bidirectional teacher (CausVid)", "dmd"),
+]
+# Equal-training controls: the causal teacher is the bidirectional teacher plus a fine-tune; these rows give the
+# bidirectional teacher the same fine-tune (same steps, lr, data; no chunk mask, one t per video), so a difference
+# between the causal-teacher rows and these is the chunk mask's, not the extra training's.
+CONTROL_ROWS = [
+    ("control: many-step bidirectional, fine-tuned like the causal teacher", "teacher_ft"),
+    ("control: few-step, ODE init, fine-tuned bidirectional teacher", "dmd_ft"),
 ]
 
 # CausVid paper, Table 4 (VBench scores): temporal quality, frame quality, text alignment (the paper's own model,
@@ -59,17 +66,25 @@ SWITCH_KEYS = ("text_alignment", "color_accuracy")
 
 class Ablation(Pipeline):
     def __init__(self, root: str, preset: str, device: str = "cpu", seeds: int = 3, long_factor: int = 10,
-                 stream_factor: int = 20, log=print):
-        super().__init__(root, preset, device, log)
+                 stream_factor: int = 20, log=print, overrides: Sequence[str] = ()):
+        super().__init__(root, preset, device, log, overrides)
         self.num_seeds = seeds
         self.long_factor = long_factor
         self.stream_factor = stream_factor
 
     # -- the extra networks ---------------------------------------------------------------------------------------
     def causal_teacher(self) -> None:
-        self.train("causal_teacher", "train_teacher.py", "causal_teacher.yaml",
+        self._fine_tune("causal_teacher", [])
+
+    def teacher_control(self) -> None:
+        """The bidirectional teacher fine-tuned with the causal teacher's recipe but without the chunk mask."""
+        self._fine_tune("teacher_ft", ["train.stage=teacher"])
+
+    def _fine_tune(self, name: str, extra: list[str]) -> None:
+        """``causal_teacher.yaml``'s fine-tune of the teacher (diffusion forcing unless ``extra`` changes the stage)."""
+        self.train(name, "train_teacher.py", "causal_teacher.yaml",
                    self.p.causal_teacher_steps or max(2, self.p.teacher_steps // 3),
-                   [f"data.path={self.path('latents')}", f"train.init_from={self.path('teacher', 'final')}"])
+                   [f"data.path={self.path('latents')}", f"train.init_from={self.path('teacher', 'final')}", *extra])
 
     def dmd_variants(self) -> None:
         common = [f"data.path={self.path('latents')}"]
@@ -79,12 +94,15 @@ class Ablation(Pipeline):
         self.train("dmd_causal", "train_dmd.py", "dmd.yaml", self.p.dmd_steps,
                    common + [f"train.init_from={self.path('ode', 'final')}", "dmd.teacher=causal",
                              f"train.teacher_path={self.path('causal_teacher', 'final')}"])
+        self.train("dmd_ft", "train_dmd.py", "dmd.yaml", self.p.dmd_steps,
+                   common + [f"train.init_from={self.path('ode', 'final')}",
+                             f"train.teacher_path={self.path('teacher_ft', 'final')}"])
 
     # -- generation -----------------------------------------------------------------------------------------------
     def _runner(self, key: str):
         from causvid.eval import toy_eval as E
 
-        if key in ("teacher", "causal_teacher"):
+        if key in ("teacher", "causal_teacher", "teacher_ft"):
             return E.TeacherRunner(self.path(key, "final"), device=self.device)
         return E.StudentRunner(self.path(key, "final"), device=self.device)
 
@@ -97,7 +115,7 @@ class Ablation(Pipeline):
                 r.sampler.window_chunks, r.sampler.sink_chunks = window, 1
             return r.generate(prompts, seeds, num_frames=num_frames)[0]
         steps = self.p.teacher_eval_steps
-        if key == "teacher":
+        if r.layout is None:  # bidirectional: the whole clip at once
             return r.generate(prompts, seeds, num_steps=steps, guidance=float(r.cfg.ode_pairs.guidance))[0]
         return r.generate_autoregressive(prompts, seeds, num_steps=steps, guidance=float(r.cfg.ode_pairs.guidance),
                                          num_frames=num_frames, window_chunks=window)
@@ -108,16 +126,26 @@ class Ablation(Pipeline):
         from causvid.models.vae import vae_from_config
 
         out_json = self.path("ablation.json")
-        if os.path.exists(out_json):
+        rows: dict = {}
+        if os.path.exists(out_json):  # rows already measured are kept; missing ones (e.g. new controls) are added
             with open(out_json) as f:
-                return json.load(f)
+                rows = json.load(f)
         cfg = load_config(str(CONFIGS / "teacher.yaml"), self.common())
         prompts, gt = E.heldout_set(self.p.eval_videos, cfg)
-        rows = {"ground truth": {"per_seed": [E.score(gt, prompts, cfg.data.fps)]},
-                "ground truth, VAE round trip (ceiling)": {"per_seed": [E.score(
-                    E.vae_roundtrip(vae_from_config(cfg.vae, device=self.device).eval(), gt), prompts,
-                    cfg.data.fps)]}}
-        for name, key in ROWS:
+
+        def save() -> None:
+            tmp = out_json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(rows, f, indent=2)
+            os.replace(tmp, out_json)
+
+        if "ground truth" not in rows:
+            rows["ground truth"] = {"per_seed": [E.score(gt, prompts, cfg.data.fps)]}
+            rows["ground truth, VAE round trip (ceiling)"] = {"per_seed": [E.score(
+                E.vae_roundtrip(vae_from_config(cfg.vae, device=self.device).eval(), gt), prompts, cfg.data.fps)]}
+        for name, key in ROWS + CONTROL_ROWS:
+            if name in rows:
+                continue
             self.log(f"[ablation] {name}")
             per_seed = []
             for s in range(self.num_seeds):
@@ -125,13 +153,20 @@ class Ablation(Pipeline):
                 vids = self._generate(key, prompts, seeds)
                 per_seed.append(E.score(vids, prompts, cfg.data.fps))
             rows[name] = {"per_seed": per_seed}
+            self._summarize(rows)
+            save()
+        self._summarize(rows)
+        save()
+        return rows
+
+    @staticmethod
+    def _summarize(rows: dict) -> None:
+        from causvid.eval import toy_eval as E
+
         for r in rows.values():
             r["summary"] = {k: (float(np.mean([p["mean"][k] for p in r["per_seed"]])),
                                 float(np.std([p["mean"][k] for p in r["per_seed"]])))
                             for k in E.GROUP_KEYS}
-        with open(out_json, "w") as f:
-            json.dump(rows, f, indent=2)
-        return rows
 
     def long_rollout(self) -> dict:
         from causvid.config import load_config
@@ -306,7 +341,7 @@ class Ablation(Pipeline):
 
     def run_ablation(self) -> str:
         for stage in (self.text_encoder, self.vae, self.latents, self.teacher, self.ode_pairs, self.ode, self.dmd,
-                      self.causal_teacher, self.dmd_variants):
+                      self.causal_teacher, self.teacher_control, self.dmd_variants):
             stage()
         rows = self.table()
         stream = self.streaming_markdown(self.streaming())  # before the long rollout: it needs only the student
@@ -380,12 +415,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_flush_denormal(True)
-    ab = Ablation(args.out or f"runs/quickstart-{args.preset}", args.preset, args.device, args.seeds, args.long_factor,
-                  args.stream_factor)
-    if args.set:
-        from dataclasses import replace
-
-        ab.p = replace(ab.p, **{k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    try:
+        ab = Ablation(args.out or f"runs/quickstart-{args.preset}", args.preset, args.device, args.seeds,
+                      args.long_factor, args.stream_factor, overrides=args.set)
+    except ValueError as err:
+        ap.error(str(err))
     print(ab.run_ablation())
     if args.results_md:
         out = args.out or f"runs/quickstart-{args.preset}"

@@ -11,6 +11,7 @@ loss plots, a latency / throughput comparison of teacher and student, and ``inde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -63,13 +64,28 @@ PRESETS = {
 }
 
 
+def preset_with(name: str, overrides: Sequence[str] = ()) -> Preset:
+    """The preset ``name`` with ``FIELD=N`` overrides (integers), e.g. ``["teacher_steps=1800"]``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    kw = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"bad preset override {item!r}: expected FIELD=N with FIELD one of {sorted(fields)}")
+        try:
+            kw[key] = int(value)
+        except ValueError:
+            raise ValueError(f"bad preset override {item!r}: {value!r} is not an integer") from None
+    return dataclasses.replace(PRESETS[name], **kw)
+
+
 class Pipeline:
-    def __init__(self, root: str, preset: str, device: str = "cpu", log=print):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; valid: {sorted(PRESETS)}")
+    def __init__(self, root: str, preset: str, device: str = "cpu", log=print, overrides: Sequence[str] = ()):
+        self.p = preset_with(preset, overrides)
         self.root = Path(root).resolve()
         self.preset_name = preset
-        self.p = PRESETS[preset]
         self.device = device
         self.log = log
         self.times: dict[str, float] = {}
@@ -387,7 +403,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), help="smoke | fast | default | full (overrides --fast)")
     ap.add_argument("--out", help="run folder (default runs/quickstart-<preset>)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=N",
+                    help="override preset fields, e.g. teacher_steps=3000 (see causvid.quickstart.Preset)")
     args = ap.parse_args(argv)
     preset = args.preset or ("fast" if args.fast else "default")
-    Pipeline(args.out or f"runs/quickstart-{preset}", preset, args.device).run_all()
+    try:
+        pipe = Pipeline(args.out or f"runs/quickstart-{preset}", preset, args.device, overrides=args.set)
+    except ValueError as err:
+        ap.error(str(err))
+    pipe.run_all()
     return 0

@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from causvid.ablation import ROWS, SWITCH_KEYS, Ablation, write_results
-from causvid.quickstart import PRESETS, Pipeline
+from causvid.ablation import CONTROL_ROWS, ROWS, SWITCH_KEYS, Ablation, write_results
+from causvid.config import load_config
+from causvid.quickstart import PRESETS, Pipeline, preset_with
 
 
 @pytest.mark.slow
@@ -36,12 +37,26 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     ab = Ablation(str(root), "smoke", seeds=2, long_factor=2, stream_factor=3)
     ab.run_ablation()
     for rel in ("causal_teacher/final/model.safetensors", "dmd_no_ode/final/model.safetensors",
-                "dmd_causal/final/model.safetensors", "plots/long_rollout.png", "plots/error_accumulation.png"):
+                "dmd_causal/final/model.safetensors", "teacher_ft/final/model.safetensors",
+                "dmd_ft/final/model.safetensors", "plots/long_rollout.png", "plots/error_accumulation.png"):
         assert (root / rel).exists(), rel
+    # the equal-training control: the causal teacher's fine-tune without the chunk mask, and a DMD student of it
+    ct, ft = (load_config(str(root / k / "final" / "config.yaml")) for k in ("causal_teacher", "teacher_ft"))
+    assert (ct.train.stage, ft.train.stage) == ("causal_teacher", "teacher")
+    assert ft.train.max_steps == ct.train.max_steps and ft.train.init_from == ct.train.init_from
+    assert ft.train.optim == ct.train.optim
+    assert load_config(str(root / "dmd_ft" / "final" / "config.yaml")).train.teacher_path.startswith(str(root / "teacher_ft"))
     table = json.loads((root / "ablation.json").read_text())
-    for name, _ in ROWS:
+    for name, _ in ROWS + CONTROL_ROWS:
         assert len(table[name]["per_seed"]) == 2, name
         assert set(table[name]["summary"]) == {"temporal_quality", "frame_quality", "text_alignment", "total"}
+    # rows are measured once: a missing row is added, the others are kept as they were
+    dropped = CONTROL_ROWS[1][0]
+    kept = {k: v for k, v in table.items() if k != dropped}
+    (root / "ablation.json").write_text(json.dumps(kept))
+    again = ab.table()
+    assert {k: again[k]["per_seed"] for k in kept} == {k: v["per_seed"] for k, v in kept.items()}
+    assert again[dropped]["per_seed"] == table[dropped]["per_seed"]  # same seeds, same network: same scores
     long = json.loads((root / "long_rollout.json").read_text())
     assert len(long["curves"]) == 3 and all(len(c["windows"]) == 2 for c in long["curves"].values())
     stream = json.loads((root / "streaming.json").read_text())
@@ -59,3 +74,15 @@ def test_presets_are_ordered():
     assert s.teacher_steps < f.teacher_steps < d.teacher_steps
     with pytest.raises(ValueError):
         Pipeline("/tmp/x", "huge")
+
+
+def test_preset_overrides_are_checked(tmp_path):
+    p = preset_with("default", ["teacher_steps=1800", "teacher_decay_steps=600"])
+    assert (p.teacher_steps, p.teacher_decay_steps, p.dmd_steps) == (1800, 600, PRESETS["default"].dmd_steps)
+    assert PRESETS["default"].teacher_steps != 1800  # the registry is not modified
+    assert Pipeline(str(tmp_path / "r"), "default", overrides=["ode_steps=7"]).p.ode_steps == 7
+    for bad in (["teacher_stepz=3"], ["teacher_steps"], ["teacher_steps=1.5"]):
+        with pytest.raises(ValueError, match="bad preset override"):
+            preset_with("default", bad)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_with("huge")
