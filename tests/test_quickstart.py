@@ -28,6 +28,12 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     assert summary["latency"]["student_first_chunk_s"] > 0
     vids = os.listdir(root / "videos")
     assert any(v.endswith(".gif") for v in vids) and any(v.endswith(".mp4") for v in vids)
+    # the teacher's fit on training vs held-out latents (same t, same noise)
+    from causvid.eval.toy_eval import TeacherRunner
+
+    fit = TeacherRunner(str(root / "teacher" / "final")).fit_check(str(root / "latents"), n=4, timesteps=(300, 700))
+    assert set(fit) == {"train", "heldout"} and all(list(v) == [300.0, 700.0] for v in fit.values())
+    assert all(0 < x < 10 for v in fit.values() for x in v.values())
     # a re-run skips every finished stage
     p = Pipeline(str(root), "smoke")
     p.run_all()

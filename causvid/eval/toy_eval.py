@@ -16,9 +16,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from causvid import schedule as S
 from causvid.config import load_config
 from causvid.data.toyworld import ToyWorld
 from causvid.eval import toyworld_metrics as M
+from causvid.losses import diffusion_loss
 from causvid.models.attention import ChunkLayout
 from causvid.models.text import text_encoder_from_config
 from causvid.models.vae import vae_from_config
@@ -45,8 +47,7 @@ def vae_roundtrip(vae, videos: Sequence[np.ndarray], batch_size: int = 8) -> lis
     dev = next(vae.parameters()).device
     out = []
     for i in range(0, len(videos), batch_size):
-        x = torch.stack([torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2) for v in videos[i:i + batch_size]])
-        x = x.to(dev).float() / 127.5 - 1.0  # [B, T, 3, H, W] in [-1, 1]
+        x = _uint8_to_model(videos[i:i + batch_size], dev)  # [B, T, 3, H, W] in [-1, 1]
         out += [to_uint8(r) for r in vae.decode(vae.encode(x)).cpu()]
     return out
 
@@ -117,6 +118,56 @@ class TeacherRunner:
                                        window_chunks=window_chunks)
             out += [to_uint8(v) for v in self.vae.decode(x0).cpu()]
         return out
+
+
+    @torch.no_grad()
+    def fit_check(self, latents_path: str, n: int = 64, timesteps: Sequence[float] = (100, 300, 500, 700, 900)) -> dict:
+        """Flow-matching loss on ``n`` of the teacher's training latents (``latents_path``, shards with stored text
+        embeddings) and on ``n`` held-out toy videos encoded with the teacher's VAE, at the same timesteps and noise.
+        About equal: the teacher is not over-fitting its training set (it is under-fitting if the loss is still
+        falling with training). Returns ``{"train": {t: loss}, "heldout": {t: loss}}``."""
+        from causvid.data.shards import LatentShardDataset
+
+        ds = LatentShardDataset(latents_path)
+        if len(ds) < n:
+            raise ValueError(f"{latents_path} holds {len(ds)} items, fewer than n={n}")
+        items = [ds[i] for i in range(n)]
+        x_tr = torch.stack([it["latents"] for it in items])  # [n, F, C, h, w]
+        c_tr = torch.stack([it["context"] for it in items])  # [n, L, D]
+        prompts, gt = heldout_set(n, self.cfg)
+        c_ho, _ = self.text.encode(prompts)
+        vae_dtype = next(self.vae.parameters()).dtype
+        x_ho = torch.cat([self.vae.encode(_uint8_to_model(gt[i:i + 8], self.device).to(vae_dtype)).float().cpu()
+                          for i in range(0, n, 8)])  # [n, F, C, h, w]
+        return {"train": flow_matching_loss(self.model, x_tr, c_tr, timesteps),
+                "heldout": flow_matching_loss(self.model, x_ho, c_ho.float().cpu(), timesteps)}
+
+
+def _uint8_to_model(videos: Sequence[np.ndarray], device) -> torch.Tensor:
+    """uint8 videos ``[T, H, W, 3]`` -> ``[B, T, 3, H, W]`` float in [-1, 1] on ``device``."""
+    x = torch.stack([torch.from_numpy(np.ascontiguousarray(v)).permute(0, 3, 1, 2) for v in videos])
+    return x.to(device).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def flow_matching_loss(model, x0: torch.Tensor, context: torch.Tensor, timesteps: Sequence[float], *, seed: int = 0,
+                       batch_size: int = 16) -> dict[float, float]:
+    """The teacher's loss (eq. 1, :func:`causvid.losses.diffusion_loss`) on clean latents ``x0 [N, F, C, h, w]`` with
+    text embeddings ``context [N, L, D]``, at each fixed timestep with fixed noise (one draw of ``[N, ...]`` per
+    timestep, seeded by ``seed + t``), averaged over the N items: comparable across models and data sets."""
+    dev = next(model.parameters()).device
+    N = x0.shape[0]
+    out = {}
+    for tv in timesteps:
+        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + int(tv)))  # [N, F, C, h, w]
+        total = 0.0
+        for i in range(0, N, batch_size):
+            xb, eb = x0[i:i + batch_size].to(dev).float(), eps[i:i + batch_size].to(dev)
+            t = torch.full((xb.shape[0],), float(tv), device=dev)
+            v = model(S.add_noise(xb, eb, t), t, context[i:i + batch_size].to(dev))
+            total += float(diffusion_loss(v, xb, eb)) * xb.shape[0]
+        out[float(tv)] = total / N
+    return out
 
 
 class StudentRunner:
