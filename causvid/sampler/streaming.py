@@ -1,292 +1,19 @@
-"""Sampling: the bidirectional teacher's ODE solver with CFG, KV-cached block-autoregressive generation,
-and :class:`CausalSampler`, the object users touch (notebooks, ``scripts/sample.py``).
-
-``import causvid.sampler`` pulls in only models, schedule, config and video_io: never accelerate, wandb or the trainer.
-
-Core functions (plain, reused by training: ODE pairs, backward simulation):
-
-* :func:`teacher_sample` — many-step Euler (or UniPC) over the shifted grid, CFG with a negative prompt,
-  returning the trajectory states asked for (CausVid ``generate_ode_pairs.py``).
-* :func:`causal_sample` / :func:`causal_sample_chunks` — CausVid Alg. 2 (``causvid_reference.md`` §2.1): per chunk,
-  few-step x0-predict + re-noise, then a cache refresh pass at t = ``context_noise`` (0), with a preallocated
-  (optionally rolling) KV cache.
-
-The user-facing :class:`CausalSampler` (``docs/sampling.md``) adds: loading an export folder, prompt encoding,
-per-chunk seeded noise, streaming VAE decode, a rolling KV cache with attention sink for unbounded length, the
-official overlap-restart long-video mode (§2.2), prompt switching (with optional re-caching), video-to-video and
-image-to-video.
-"""
+"""The user-facing :class:`CausalSampler`: export folders, prompts, streaming decode, rolling cache, v2v / i2v."""
 
 from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from causvid import schedule as S
 from causvid.models.attention import ChunkLayout, CrossAttnCache, KVCache
-
-__all__ = ["TeacherResult", "guided_flow", "teacher_sample", "UniPCState", "causal_sample_chunks", "causal_sample",
-           "student_steps", "denoise_chunk", "v2v_steps", "CausalSampler"]
-
-
-@dataclass
-class TeacherResult:
-    x0: torch.Tensor  # [B, F, C, H, W] final sample
-    states: dict[int, torch.Tensor]  # step index -> state x_t *before* that step ([B, F, C, H, W])
-    timesteps: torch.Tensor  # [N + 1] float64 grid (last 0)
-
-
-def guided_flow(model, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
-                guidance: float, *, layout: Optional[ChunkLayout] = None, cross_caches=(None, None)) -> torch.Tensor:
-    """Flow prediction with CFG ``uncond + w (cond - uncond)`` (two forwards; one when w == 1)."""
-    v_c = model(x, t, cond, layout=layout, cross_cache=cross_caches[0])
-    if guidance == 1.0 or uncond is None:
-        return v_c
-    v_u = model(x, t, uncond, layout=layout, cross_cache=cross_caches[1])
-    return S.cfg_combine(v_c, v_u, guidance)
-
-
-@torch.no_grad()
-def teacher_sample(model, noise: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
-                   num_steps: int = 50, shift: float = 8.0, guidance: float = 6.0, solver: str = "euler",
-                   keep_steps: Sequence[int] = (), layout: Optional[ChunkLayout] = None,
-                   progress: Optional[Callable[[int], None]] = None) -> TeacherResult:
-    """Solve the probability-flow ODE from ``noise`` (sigma = 1) to sigma = 0.
-
-    ``keep_steps``: indices i in [0, num_steps] whose state *before* step i is returned (num_steps = final).
-    CFG is applied to the flow, which is the same as applying it to x0 at a fixed x_t (linear map).
-    ``layout`` makes the model block-causal (the causal teacher of the paper's ablation).
-    """
-    if solver not in ("euler", "unipc"):
-        raise ValueError(f"unknown solver {solver!r}; valid: euler, unipc")
-    sig = S.sampling_sigmas(num_steps, shift)
-    ts = sig * S.T_MAX
-    B, F = noise.shape[:2]
-    caches = (CrossAttnCache(), CrossAttnCache())
-    x = noise.float()
-    states: dict[int, torch.Tensor] = {}
-    unipc = UniPCState() if solver == "unipc" else None
-    for i in range(num_steps):
-        if i in keep_steps:
-            states[i] = x.clone()
-        t = torch.full((B, F), float(ts[i]), device=x.device)
-        v = guided_flow(model, x, t, cond, uncond, guidance, layout=layout, cross_caches=caches)
-        if unipc is None:
-            x = S.euler_step(x, v, float(sig[i]), float(sig[i + 1]))
-        else:
-            x = unipc.step(x, v, sig, i)
-        if progress is not None:
-            progress(i)
-    if num_steps in keep_steps:
-        states[num_steps] = x.clone()
-    return TeacherResult(x0=x, states=states, timesteps=ts)
-
-
-class UniPCState:
-    """UniPC multistep (bh2, order 2, predict-x0, lower-order final) for flow models (``wan_architecture.md`` §6.2)."""
-
-    def __init__(self):
-        self.m: list[torch.Tensor] = []  # previous x0 predictions
-        self.x_prev: Optional[torch.Tensor] = None
-        self.order_prev = 0
-
-    @staticmethod
-    def _lam(s: float) -> float:
-        """lambda = ln(alpha) - ln(sigma) with alpha = 1 - sigma (clamped away from 0 and 1)."""
-        s = min(max(s, 1e-12), 1 - 1e-12)
-        return math.log(1 - s) - math.log(s)
-
-    def step(self, x: torch.Tensor, v: torch.Tensor, sig: torch.Tensor, i: int) -> torch.Tensor:
-        N = len(sig) - 1
-        s_i = float(sig[i])
-        m_i = (x.double() - s_i * v.double())
-        xd = x.double()
-        # corrector (i > 0): refine the current sample with the new model output
-        if i > 0 and self.x_prev is not None:
-            s_p = float(sig[i - 1])
-            h = self._lam(s_i) - self._lam(s_p)
-            hh = -h
-            Bh = math.expm1(hh)
-            base = (s_i / s_p) * self.x_prev - (1 - s_i) * Bh * self.m[-1]
-            if self.order_prev == 1 or len(self.m) < 2:
-                xd = base - (1 - s_i) * Bh * 0.5 * (m_i - self.m[-1])
-            else:
-                r1 = (self._lam(float(sig[i - 2])) - self._lam(s_p)) / h
-                b1 = (Bh / hh - 1) / Bh
-                b2 = 2 * ((Bh / hh - 1) / hh - 0.5) / Bh
-                # R = [[1, 1], [r1, 1]], solve R rho = [b1, b2]
-                det = 1 - r1
-                rho1, rho2 = (b1 - b2) / det, (b2 - r1 * b1) / det
-                xd = base - (1 - s_i) * Bh * (rho1 * (self.m[-2] - self.m[-1]) / r1 + rho2 * (m_i - self.m[-1]))
-        self.m.append(m_i)
-        self.m = self.m[-2:]
-        order = min(2, N - i, len(self.m))
-        s_n = float(sig[i + 1])
-        if s_n == 0.0:
-            out = m_i
-        else:
-            h = self._lam(s_n) - self._lam(s_i)
-            Bh = math.expm1(-h)
-            out = (s_n / s_i) * xd - (1 - s_n) * Bh * m_i
-            if order == 2:
-                r1 = (self._lam(float(sig[i - 1])) - self._lam(s_i)) / h
-                out = out - (1 - s_n) * Bh * 0.5 * (self.m[-2] - m_i) / r1
-        self.x_prev = xd
-        self.order_prev = order
-        return out.to(x.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# KV-cached chunk-by-chunk generation (CausVid Alg. 2)
-# ----------------------------------------------------------------------------------------------------------------
-
-FlowFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (x chunk, t [B, n], start_frame) -> flow
-
-
-def denoise_chunk(flow: FlowFn, x: torch.Tensor, steps: Sequence[float], start_frame: int,
-                  eps_for_step: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """Few-step sampling of one chunk (``causvid_reference.md`` §2.1 step 2): x0-predict, re-noise, repeat.
-
-    ``x`` [B, n, C, H, W] is the chunk at level ``steps[0]``; ``eps_for_step(j)`` gives the Gaussian noise that
-    re-noises the x0 prediction of step j to level ``steps[j + 1]``. Returns the last x0 prediction.
-    """
-    B, n = x.shape[:2]
-    x0 = x
-    for j, t_j in enumerate(steps):
-        t = torch.full((B, n), float(t_j), device=x.device)
-        x0 = S.x0_from_flow(x, flow(x, t, start_frame), t)
-        if j + 1 < len(steps):
-            x = S.add_noise(x0, eps_for_step(j), torch.full((B, n), float(steps[j + 1]), device=x.device))
-    return x0
-
-
-def v2v_steps(steps: Sequence[float], t_start: float) -> list[float]:
-    """Video-to-video levels: ``t_start`` followed by the student's steps strictly below it."""
-    if not 0.0 <= float(t_start) <= S.T_MAX:
-        raise ValueError(f"t_start must lie in [0, {S.T_MAX}], got {t_start}")
-    return [float(t_start)] + [float(s) for s in steps if float(s) < float(t_start)]
-
-
-def _check_prefix(layout: ChunkLayout, num_frames: int, prefix_frames: int) -> None:
-    """A prefix (I2V image latent, video extension) must end exactly on a chunk boundary."""
-    ends = [b for _, b in layout.chunks(num_frames)]
-    if prefix_frames > num_frames or prefix_frames not in ends:
-        raise ValueError(f"a prefix of {prefix_frames} latent frames does not end on a chunk boundary of the layout "
-                         f"{layout} over {num_frames} frames (chunk ends {ends[:6]}...); use "
-                         f"{'1 + k * chunk_size' if layout.independent_first_frame else 'a multiple of chunk_size'} frames")
-
-
-def causal_sample_chunks(model, noise: torch.Tensor, cond: Optional[torch.Tensor], *, layout: ChunkLayout,
-                         steps: Sequence[float], context_noise: float = 0.0, kv_cache: Optional[KVCache] = None,
-                         cross_cache: Optional[CrossAttnCache] = None, start_frame: int = 0,
-                         generator: Optional[torch.Generator] = None, renoise: Optional[torch.Tensor] = None,
-                         prefix: Optional[torch.Tensor] = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(f0, f1, x0_chunk)`` chunk by chunk (CausVid Alg. 2); ``f0, f1`` are absolute frame positions.
-
-    ``noise`` [B, F, C, H, W] is the initial noise of every frame. ``steps`` the denoising list *without*
-    the final 0 (e.g. [1000, 757, 522]). Re-noising uses ``renoise`` [B, F, n_steps - 1, C, H, W] if given
-    (for tests that compare with a whole-clip computation), else fresh Gaussian noise from ``generator``.
-    ``prefix`` [B, P, C, H, W]: clean latents written to the cache at t = 0 first (image-to-video /
-    video extension; P must end on a chunk boundary); they are yielded unchanged.
-    ``kv_cache``: a caller-owned cache (e.g. rolling); by default one holding all F frames is allocated.
-    """
-    B, F = noise.shape[:2]
-    S_tok = model.tokens_per_frame(noise.shape[3], noise.shape[4])
-    if kv_cache is None:  # slots are assigned in order, so F frames of capacity suffice whatever start_frame is
-        kv_cache = model.new_kv_cache(B, F, S_tok, device=noise.device)
-    cross_cache = cross_cache if cross_cache is not None else CrossAttnCache()
-    steps = [float(s) for s in steps]
-    P = 0 if prefix is None else prefix.shape[1]
-    if P:
-        _check_prefix(layout, F, P)
-
-    def flow(x, t, a):
-        return model(x, t, cond, kv_cache=kv_cache, start_frame=a, cross_cache=cross_cache)
-
-    def fresh(shape, device):
-        return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device)
-
-    for f0, f1 in layout.chunks(F):
-        a, b = start_frame + f0, start_frame + f1
-        n = f1 - f0
-        if f1 <= P:  # given clean frames: written to the cache at t = 0, no noise
-            x0 = prefix[:, f0:f1].to(noise.dtype)
-            xc, t_ref = x0, 0.0
-        else:
-            def eps_for_step(j, f0=f0, f1=f1):
-                if renoise is not None:
-                    return renoise[:, f0:f1, j]
-                return fresh(noise[:, f0:f1].shape, noise.device).to(noise.dtype)
-
-            x0 = denoise_chunk(flow, noise[:, f0:f1], steps, a, eps_for_step)
-            # cache refresh: clean (or lightly noised) chunk at t = context_noise overwrites its slots
-            xc, t_ref = x0, float(context_noise)
-            if context_noise > 0:
-                xc = S.add_noise(x0, fresh(x0.shape, x0.device).to(x0.dtype),
-                                 torch.full((B, n), t_ref, device=noise.device))
-        # yield first, refresh after: the caller sees (and can decode) the chunk one forward earlier; the
-        # refresh only matters to the next chunk, and is skipped when the caller stops after the last one
-        yield a, b, x0
-        flow(xc, torch.full((B, n), t_ref, device=noise.device), a)
-
-
-@torch.no_grad()
-def causal_sample(model, noise: torch.Tensor, cond: torch.Tensor, *, layout: ChunkLayout, steps: Sequence[float],
-                  context_noise: float = 0.0, generator: Optional[torch.Generator] = None,
-                  renoise: Optional[torch.Tensor] = None, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Whole video [B, F, C, H, W] from ``noise`` with the KV-cached few-step sampler."""
-    return torch.cat([x0 for _, _, x0 in causal_sample_chunks(
-        model, noise, cond, layout=layout, steps=steps, context_noise=context_noise, generator=generator,
-        renoise=renoise, prefix=prefix)], dim=1)
-
-
-@torch.no_grad()
-def causal_teacher_sample(model, noise: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None, *,
-                          layout: ChunkLayout, num_steps: int = 50, shift: float = 8.0, guidance: float = 6.0,
-                          sink_chunks: int = 0, window_chunks: int = 0) -> torch.Tensor:
-    """Many-step autoregressive sampling of a *causal teacher* (the paper's "many-step causal" baseline).
-
-    Chunk by chunk: ``num_steps`` Euler steps of the shifted grid with CFG, the previous chunks clean in a KV
-    cache (one cache per CFG branch, each refreshed at t = 0 under its own prompt). ``window_chunks > 0`` makes
-    both caches rolling (``sink_chunks`` kept from the start), for rollouts longer than the training clips.
-    Returns x0 [B, F, C, H, W].
-    """
-    B, F = noise.shape[:2]
-    S_tok = model.tokens_per_frame(noise.shape[3], noise.shape[4])
-    k = layout.chunk_size
-    cap = F if window_chunks == 0 else min(F, (sink_chunks + window_chunks) * k)
-    sink = sink_chunks * k if window_chunks else 0
-    branches = [(cond, model.new_kv_cache(B, cap, S_tok, sink_frames=sink), CrossAttnCache())]
-    if uncond is not None and guidance != 1.0:
-        branches.append((uncond, model.new_kv_cache(B, cap, S_tok, sink_frames=sink), CrossAttnCache()))
-    sig = S.sampling_sigmas(num_steps, shift)
-    out = []
-    for f0, f1 in layout.chunks(F):
-        x, n = noise[:, f0:f1].float(), f1 - f0
-        for i in range(num_steps):
-            t = torch.full((B, n), float(sig[i]) * S.T_MAX, device=noise.device)
-            v = [model(x, t, ctx, kv_cache=kv, start_frame=f0, cross_cache=cc) for ctx, kv, cc in branches]
-            v = v[0] if len(v) == 1 else S.cfg_combine(v[0], v[1], guidance)
-            x = S.euler_step(x, v, float(sig[i]), float(sig[i + 1]))
-        zero = torch.zeros(B, n, device=noise.device)
-        for ctx, kv, cc in branches:  # cache refresh: the clean chunk at t = 0
-            model(x, zero, ctx, kv_cache=kv, start_frame=f0, cross_cache=cc)
-        out.append(x)
-    return torch.cat(out, dim=1)
-
-
-def student_steps(step_list: Sequence[float]) -> list[float]:
-    """The sampler's list: the configured step list without its final 0."""
-    steps = [float(s) for s in step_list]
-    return steps[:-1] if steps and steps[-1] == 0 else steps
-
+from causvid.sampler.causal import check_prefix, denoise_chunk, student_steps, v2v_steps
 
 # ----------------------------------------------------------------------------------------------------------------
 # CausalSampler: what users touch
@@ -727,7 +454,7 @@ class CausalSampler:
         else:
             total = None  # until the input video ends (needs a rolling cache)
         if total is not None and P:
-            _check_prefix(self.layout, total, P)
+            check_prefix(self.layout, total, P)
         capacity, sink = self.cache_plan(total)
 
         caches = [self._kv_cache(i, B, capacity, sink, S_tok) for i in range(2 if self.guidance != 1.0 else 1)]
@@ -852,7 +579,7 @@ class CausalSampler:
         n = self.layout.chunk_size if overlap_frames is None else int(overlap_frames)
         if n < 1 or n >= F_roll:
             raise ValueError(f"overlap_frames must be in [1, {F_roll}), got {n}")
-        _check_prefix(self.layout, F_roll, n)
+        check_prefix(self.layout, F_roll, n)
         tail = self.pixel_frames(n)  # pixel frames covered by the n overlap latents
         B = 1 if isinstance(prompts, str) else len(prompts)
         gens = self._generators(seed, B)
