@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ SWITCH_KEYS = ("text_alignment", "color_accuracy")
 
 class Ablation(Pipeline):
     def __init__(self, root: str, preset: str, device: str = "cpu", seeds: int = 3, long_factor: int = 10,
-                 stream_factor: int = 20, log=print, overrides: Sequence[str] = ()):
+                 stream_factor: int = 20, log: Optional[Callable[[str], None]] = None, overrides: Sequence[str] = ()):
         super().__init__(root, preset, device, log, overrides)
         self.num_seeds = seeds
         self.long_factor = long_factor

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -82,12 +83,13 @@ def preset_with(name: str, overrides: Sequence[str] = ()) -> Preset:
 
 
 class Pipeline:
-    def __init__(self, root: str, preset: str, device: str = "cpu", log=print, overrides: Sequence[str] = ()):
+    def __init__(self, root: str, preset: str, device: str = "cpu", log: Optional[Callable[[str], None]] = None,
+                 overrides: Sequence[str] = ()):
         self.p = preset_with(preset, overrides)
         self.root = Path(root).resolve()
         self.preset_name = preset
         self.device = device
-        self.log = log
+        self.log = log or logging.getLogger(__name__).info  # progress lines
         self.times: dict[str, float] = {}
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -267,14 +269,9 @@ class Pipeline:
 
     def save_plot(self, fig, name: str, dpi: int = 100) -> str:
         """Write a matplotlib figure to ``<run>/plots/<name>`` and close it; returns the path."""
-        import matplotlib.pyplot as plt
+        from causvid.video_io import save_figure
 
-        fig.tight_layout()
-        out = self.path("plots", name)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        fig.savefig(out, dpi=dpi)
-        plt.close(fig)
-        return out
+        return save_figure(fig, self.path("plots", name), dpi=dpi)
 
     def samples_grid(self, keys=("ground_truth", "teacher", "ode", "dmd")) -> Optional[str]:
         """``plots/samples_grid.png``: the first, middle and last frame of each model's sample videos
@@ -406,6 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=N",
                     help="override preset fields, e.g. teacher_steps=3000 (see causvid.quickstart.Preset)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     preset = args.preset or ("fast" if args.fast else "default")
     try:
         pipe = Pipeline(args.out or f"runs/quickstart-{preset}", preset, args.device, overrides=args.set)

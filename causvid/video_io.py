@@ -120,6 +120,18 @@ def write_gif(path: str | os.PathLike, frames: Any, fps: float, loop: int = 0) -
     return path
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> str:
+    """Write a matplotlib figure as an image (tight layout, parent folders made) and close it. Returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 # --- readers --------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any, Optional, Sequence
 
+from causvid.video_io import save_figure
+
 # ------------------------------------------------------------------------------------------------
 # Reports: JSON, markdown tables, plots
 # ------------------------------------------------------------------------------------------------
@@ -174,10 +176,7 @@ def write_plots(r: dict, out_dir: str, prefix: str) -> list[str]:
                title=f"KV cache vs recomputation ({r['options']['size']}, {r['meta']['device_type']})")
         ax.grid(alpha=0.3)
         ax.legend()
-        paths.append(os.path.join(out_dir, f"{prefix}_kv_vs_recompute.png"))
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save_figure(fig, os.path.join(out_dir, f"{prefix}_kv_vs_recompute.png"), dpi=120))
     if r.get("steps_sweep"):
         rows = r["steps_sweep"]
         x = [row["steps"] for row in rows]
@@ -189,10 +188,7 @@ def write_plots(r: dict, out_dir: str, prefix: str) -> list[str]:
                title=f"Student FPS vs steps ({r['options']['size']}, {r['meta']['device_type']})", xticks=x)
         ax.grid(alpha=0.3)
         ax.legend()
-        paths.append(os.path.join(out_dir, f"{prefix}_fps_vs_steps.png"))
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save_figure(fig, os.path.join(out_dir, f"{prefix}_fps_vs_steps.png"), dpi=120))
     return paths
 
 
