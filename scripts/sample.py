@@ -1,17 +1,9 @@
-"""Sample videos with a trained causal student: a thin CLI over :class:`causvid.sampler.CausalSampler`
-(library code: causvid/sampler/cli.py).
-
-Examples::
+"""Sample videos with a trained causal student: a thin CLI over :class:`causvid.sampler.CausalSampler`.
 
     python scripts/sample.py --model runs/toy/dmd/final --prompt "a red circle moving left" --out out.mp4
-    python scripts/sample.py --model runs/toy/dmd/final --prompts prompts.txt --num-frames 65 --out videos/ --gif
-    python scripts/sample.py --model runs/toy/dmd/final --prompt "a red circle" --switch "4:a blue square" \
-        --num-chunks 40 --window 6 --sink 1 --out long.mp4                        # long video, prompt switch
-    python scripts/sample.py --model runs/toy/dmd/final --prompt "..." --image first.png --out i2v.mp4
-    python scripts/sample.py --model runs/toy/dmd/final --prompt "..." --video in.mp4 --t-start 600 --out v2v.mp4
-    python scripts/sample.py --config configs/wan2.1_1.3b/dmd.yaml --dit student.safetensors --prompt "..."
 
-See ``docs/sampling.md``.
+Every option and more examples: ``python scripts/sample.py -h`` (library code: causvid/sampler/cli.py) and
+docs/sampling.md.
 """
 
 import os
