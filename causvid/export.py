@@ -1,11 +1,14 @@
 """Export a trained DiT in the layouts other tools read, with a model card.
 
-``python scripts/export.py RUN_OR_FOLDER --format wan|diffusers --out DIR`` (docs/export.md):
+``python scripts/export.py RUN_OR_FOLDER --format wan|diffusers|lora --out DIR`` (docs/export.md):
 
 - ``wan``: the official layout, ``config.json`` (WanModel fields) + ``diffusion_pytorch_model.safetensors`` in the
   original names, as in ``Wan-AI/Wan2.1-T2V-1.3B`` (``wan_architecture.md`` §0);
 - ``diffusers``: ``transformer/`` for ``diffusers.WanTransformer3DModel.from_pretrained`` (diffusers names,
-  sharded with an index past ``max_shard_size``).
+  sharded with an index past ``max_shard_size``);
+- ``lora``: the student minus its base (the teacher) by truncated SVD, in the key format of the CausVid LoRA for
+  Wan2.1 that ComfyUI and diffusers' ``WanPipeline.load_lora_weights`` read (:mod:`causvid.lora_extract`), with a
+  ``lora_report.json`` of the relative reconstruction error per layer.
 
 Both hold the run's ``config.yaml`` and a ``README.md`` model card. Fields that the official ``config.json`` does not
 carry (``text_dim``, ``patch_size``, ... take constructor defaults there) are kept under ``_causvid`` (keys starting
@@ -32,7 +35,7 @@ from causvid.models.weights import (
     save_safetensors,
 )
 
-FORMATS = ("wan", "diffusers")
+FORMATS = ("wan", "diffusers", "lora")
 WEIGHTS_STEM = "diffusion_pytorch_model"
 DEFAULT_MAX_SHARD_SIZE = "10GB"  # diffusers' save_pretrained default
 
@@ -49,6 +52,7 @@ class ExportSource:
     config: Optional[Any]  # the run's DictConfig (config.yaml), None for a bare weights folder
     folder: str
     metrics: Optional[dict] = None  # the run's eval/metrics.json summary, when there is one
+    lora: Optional[dict] = None  # filled by a LoRA export: its lora_report.json
 
 
 def open_source(path: str) -> ExportSource:
@@ -144,10 +148,20 @@ def write_weights(sd: Mapping[str, torch.Tensor], folder: str, max_shard_size: i
     return written
 
 
+@dataclass
+class LoraOptions:
+    """``--format lora``: the base the delta is taken against and the truncation (one of rank / energy)."""
+
+    base: Optional[str] = None  # DiT weights; default: the run config's train.teacher_path
+    rank: Optional[int] = 32
+    energy: Optional[float] = None
+
+
 def export(source: ExportSource, out: str, fmt: str, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-           dtype: Optional[torch.dtype] = None) -> list[str]:
-    """Write ``source`` into the folder ``out`` in ``fmt`` (``wan`` | ``diffusers``), atomically (a temporary
-    folder renamed at the end; an existing ``out`` is refused). Returns the files written, relative to ``out``."""
+           dtype: Optional[torch.dtype] = None, lora: Optional[LoraOptions] = None) -> list[str]:
+    """Write ``source`` into the folder ``out`` in ``fmt`` (``wan`` | ``diffusers`` | ``lora``), atomically (a
+    temporary folder renamed at the end; an existing ``out`` is refused). Returns the files written, relative to
+    ``out``."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; valid: {list(FORMATS)}")
     if os.path.exists(out):
@@ -163,9 +177,11 @@ def export(source: ExportSource, out: str, fmt: str, *, max_shard_size: int | st
         if fmt == "diffusers":
             _write_json(diffusers_config(cfg), os.path.join(weights_dir, "config.json"))
             write_weights({dit_to_diffusers_key(k): v for k, v in sd.items()}, weights_dir, max_shard_size)
-        else:
+        elif fmt == "wan":
             _write_json(wan_config(cfg), os.path.join(weights_dir, "config.json"))
             write_weights(sd, weights_dir, max_shard_size)
+        else:
+            source.lora = _write_lora(source, lora or LoraOptions(), tmp, dtype or torch.float32)
         if source.config is not None:
             from causvid.config import save_config
 
@@ -179,6 +195,38 @@ def export(source: ExportSource, out: str, fmt: str, *, max_shard_size: int | st
     return sorted(os.path.relpath(os.path.join(d, n), out) for d, _, ns in os.walk(out) for n in ns)
 
 
+def lora_base_path(source: ExportSource, opts: LoraOptions) -> str:
+    """The base the LoRA is taken against: ``opts.base``, else the run's ``train.teacher_path``."""
+    base = opts.base or (source.config.train.teacher_path if source.config is not None else None)
+    if not base:
+        raise ExportError("--format lora needs the base model: pass --base (the teacher / Wan2.1 DiT) or export a "
+                          "run whose config names train.teacher_path")
+    if not os.path.exists(base):
+        raise ExportError(f"LoRA base not found: {base}")
+    return base
+
+
+def _write_lora(source: ExportSource, opts: LoraOptions, folder: str, dtype: torch.dtype) -> dict:
+    from causvid.lora_extract import diffusers_skips, extract_lora
+
+    base_path = lora_base_path(source, opts)
+    base = load_dit(base_path)
+    if base.cfg != source.model.cfg:
+        raise ExportError(f"the base {base_path} is not the student's architecture ({base.cfg} vs {source.model.cfg})")
+    tensors, report = extract_lora(source.model.state_dict(), base.state_dict(), rank=opts.rank, energy=opts.energy,
+                                   dtype=dtype)
+    name = f"causvid_lora_rank{report.rank}_{str(dtype).removeprefix('torch.')}.safetensors"
+    meta = {"format": "pt", "rank": str(report.rank), "base_model": os.path.abspath(base_path),
+            "causvid_dit": json.dumps(source.model.cfg.to_dict())}
+    save_safetensors(tensors, os.path.join(folder, name), meta)
+    summary = {"file": name, "base": os.path.abspath(base_path), "rank": report.rank, "energy": opts.energy,
+               "relative_error_total": report.total, "relative_error_per_layer": report.per_layer,
+               "full_deltas": report.full_deltas,
+               "ignored_by_diffusers": sorted(k for k in tensors if diffusers_skips(k))}
+    _write_json(summary, os.path.join(folder, "lora_report.json"))
+    return summary
+
+
 def _yaml_list(items) -> str:
     return "".join(f"\n  - {i}" for i in items)
 
@@ -190,12 +238,14 @@ def model_card(source: ExportSource, fmt: str) -> str:
     dit: DiTConfig = source.model.cfg
     wan_sized = dit.dim in (1536, 5120) and dit.text_dim == 4096
     base = ("Wan-AI/Wan2.1-T2V-1.3B" if dit.dim == 1536 else "Wan-AI/Wan2.1-T2V-14B") if wan_sized else None
-    library = "diffusers" if fmt == "diffusers" else "causvid"
+    library = {"diffusers": "diffusers", "lora": "diffusion-single-file"}.get(fmt, "causvid")
     front = ["---", "license: apache-2.0", f"library_name: {library}", "pipeline_tag: text-to-video"]
     if base:
-        front += [f"base_model: {base + ('-Diffusers' if fmt == 'diffusers' else '')}", "base_model_relation: finetune"]
-    front += ["tags:" + _yaml_list(["causvid", "autoregressive-video", "distillation", "wan2.1", "text-to-video"]),
-              "---", ""]
+        front += [f"base_model: {base + ('-Diffusers' if fmt == 'diffusers' else '')}",
+                  f"base_model_relation: {'adapter' if fmt == 'lora' else 'finetune'}"]
+    tags = ["causvid", "autoregressive-video", "distillation", "wan2.1", "text-to-video"]
+    tags += ["lora", "comfyui"] if fmt == "lora" else []
+    front += ["tags:" + _yaml_list(tags), "---", ""]
     lines = front + ["# CausVid student" + (f" ({dit.num_layers} layers, dim {dit.dim})" if not wan_sized else ""), "",
                      "A block-causal Wan2.1 DiT trained with [causvid](https://arxiv.org/abs/2412.07772) "
                      "(From Slow Bidirectional to Fast Autoregressive Video Diffusion Models, CVPR 2025).", ""]
@@ -216,8 +266,25 @@ def model_card(source: ExportSource, fmt: str) -> str:
         lines += ["## Measured", "", "| metric | mean |", "|---|---|"]
         lines += [f"| {k} | {v['mean']:.4f} |" for k, v in sorted(source.metrics.items()) if isinstance(v, Mapping)]
         lines += [""]
+    if source.lora is not None:
+        rep = source.lora
+        lines += ["## LoRA", "", f"`{rep['file']}`: the student minus its base (`{rep['base']}`) by truncated SVD, "
+                  f"rank {rep['rank']}" + (f" (energy {rep['energy']})" if rep["energy"] else "") + ", relative "
+                  f"reconstruction error {rep['relative_error_total']:.3g} over the factorised layers (per layer: "
+                  "`lora_report.json`). Keys in the original Wan names under `diffusion_model.` (`.lora_down` / "
+                  "`.lora_up` / `.alpha`, `.diff_b`, `.diff`); diffusers ignores the full deltas of norms, "
+                  f"modulation tables and the patch embedding ({len(rep['ignored_by_diffusers'])} tensors here), "
+                  "ComfyUI applies them.", "",
+                  "ComfyUI: the Wan2.1 base model, then `LoraLoaderModelOnly` with this file at strength 1.0, "
+                  "CFG 1.0. diffusers:", "", "```python",
+                  f'pipe.load_lora_weights("THIS_FOLDER", weight_name="{rep["file"]}")  # pipe: WanPipeline of the base',
+                  "```", ""]
     sample_steps = [float(s) for s in cfg.schedule.denoising_step_list][:-1] if cfg is not None else None
     weights = "transformer" if fmt == "diffusers" else "."
+    if fmt == "lora":
+        lines += [f"Recommended: guidance 1.0, the training step list {sample_steps} (shift "
+                  f"{cfg.schedule.shift})." if sample_steps else "", ""]
+        return "\n".join(lines)
     lines += ["## Sampling", "", "Chunk by chunk with a KV cache, no CFG (causvid):", "", "```python",
               "from causvid.sampler import CausalSampler", "",
               f's = CausalSampler.from_config("config.yaml", dit_path="{weights}")  # in this folder',
@@ -249,7 +316,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", required=True, help="a new folder")
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 10GB, 500MB (diffusers' rule)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="cast floating weights (default: as trained)")
+                   help="cast floating weights (default: as trained; LoRA: float32)")
+    p.add_argument("--base", help="lora: the base DiT (default: the run config's train.teacher_path)")
+    p.add_argument("--rank", type=int, default=None, help="lora: rank of every layer (default 32)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="lora: per layer the smallest rank keeping this fraction of the squared singular values")
     args = p.parse_args(argv)
     try:
         if not os.path.exists(args.source):
@@ -257,9 +328,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         if os.path.exists(args.out):
             raise ExportError(f"{args.out} exists: choose a new folder (nothing is overwritten)")
         shard = shard_size_bytes(args.max_shard_size)
+        if args.format != "lora" and (args.base or args.rank is not None or args.energy is not None):
+            raise ExportError("--base, --rank and --energy apply to --format lora only")
+        if args.rank is not None and args.energy is not None:
+            raise ExportError("give --rank or --energy, not both")
+        if args.rank is not None and args.rank < 1:
+            raise ExportError(f"--rank must be >= 1, got {args.rank}")
+        if args.energy is not None and not 0.0 < args.energy <= 1.0:
+            raise ExportError(f"--energy must be in (0, 1], got {args.energy}")
+        if args.base and not os.path.exists(args.base):
+            raise ExportError(f"LoRA base not found: {args.base}")
+        opts = LoraOptions(base=args.base, rank=None if args.energy is not None else (args.rank or 32),
+                           energy=args.energy)
         source = open_source(args.source)
         files = export(source, args.out, args.format, max_shard_size=shard,
-                       dtype=getattr(torch, args.dtype) if args.dtype else None)
+                       dtype=getattr(torch, args.dtype) if args.dtype else None, lora=opts)
     except (ExportError, WeightsError) as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a trained DiT for other tools: the official Wan layout or a diffusers ``transformer/`` folder, with a model card.
+"""Export a trained DiT for other tools: the official Wan layout, a diffusers ``transformer/`` folder or a LoRA, with a model card.
 
     python scripts/export.py runs/toy/dmd --format diffusers --out exports/toy-dmd-diffusers
     python scripts/export.py runs/toy/dmd/final --format wan --out exports/toy-dmd-wan

@@ -50,7 +50,7 @@ def test_constraints_pin_every_dependency_inside_its_declared_range():
     pins = env_check.read_pins(ROOT / "constraints.txt")
     reqs = [Requirement(r) for r in metadata.requires("causvid")]  # pyproject.toml's, as installed
     reqs = [r for r in reqs if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("dev", "interop"))]
-    assert {"torch", "pytest", "diffusers"} <= {r.name for r in reqs}
+    assert {"torch", "pytest", "diffusers", "peft"} <= {r.name for r in reqs}
     for req in reqs:
         name = env_check.canonical(req.name)
         assert name in pins, f"{req.name} is not pinned in constraints.txt"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from causvid.config import load_config, save_config
-from causvid.export import ExportError, export, main, open_source, shard_size_bytes
+from causvid.export import ExportError, LoraOptions, export, main, open_source, shard_size_bytes
 from causvid.models.dit import WanDiT
 from causvid.models.registry import dit_config
 from causvid.models.weights import load_dit, save_dit
@@ -178,3 +178,150 @@ def test_shard_size_units():
     for bad in ("0", "-1GB", "10 GiB", ""):
         with pytest.raises(ExportError):
             shard_size_bytes(bad)
+
+
+# --- --format lora ----------------------------------------------------------------------------------------------
+
+# The key format of the CausVid LoRA for Wan2.1 as ComfyUI's Wan loader and diffusers' Wan LoRA converter read it
+# (ecosystem.md §10): original Wan names under diffusion_model.; a rename breaks this list.
+LORA_RULES = [
+    r"^diffusion_model\.blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]\.(lora_down\.weight|lora_up\.weight|alpha|diff_b)$",
+    r"^diffusion_model\.blocks\.\d+\.ffn\.[02]\.(lora_down\.weight|lora_up\.weight|alpha|diff_b)$",
+    # global linear layers: no .alpha (diffusers refuses one there; the scale is 1)
+    r"^diffusion_model\.(time_embedding\.[02]|text_embedding\.[02]|time_projection\.1|head\.head)\."
+    r"(lora_down\.weight|lora_up\.weight|diff_b)$",
+    # full deltas: norms, modulation tables, patch embedding
+    r"^diffusion_model\.blocks\.\d+\.((self_attn|cross_attn)\.norm_[qk]|norm3)\.(diff|diff_b)$",
+    r"^diffusion_model\.(blocks\.\d+\.modulation|head\.modulation|patch_embedding)\.(diff|diff_b)$",
+]
+
+
+def check_lora_format(lora, base_sd):
+    import re
+
+    for key, t in lora.items():
+        assert any(re.match(rule, key) for rule in LORA_RULES), key
+        name = key[len("diffusion_model."):].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
+        if key.endswith(".lora_down.weight"):
+            up = lora[f"diffusion_model.{name}.lora_up.weight"]
+            w = base_sd[f"{name}.weight"]
+            assert t.shape == (up.shape[1], w.shape[1]) and up.shape[0] == w.shape[0]  # down [r, in], up [out, r]
+            alpha = lora.get(f"diffusion_model.{name}.alpha")
+            assert (alpha is None) == (not name.startswith("blocks."))
+            assert alpha is None or (alpha.dim() == 0 and float(alpha) == t.shape[0])  # alpha = r: scale 1
+
+
+def linear_key(k):
+    from causvid.lora_extract import BLOCK_LINEAR, GLOBAL_LINEAR
+
+    name, _, _ = k.rpartition(".")
+    return bool(BLOCK_LINEAR.match(name) or GLOBAL_LINEAR.match(name))
+
+
+def student_of(base: WanDiT, only_linear: bool, seed=7) -> WanDiT:
+    g = torch.Generator().manual_seed(seed)
+    student = WanDiT(base.cfg).eval()
+    student.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if linear_key(k) or not only_linear
+                             else v.clone() for k, v in base.state_dict().items()})
+    return student
+
+
+def lora_run(tmp_path, student, base):
+    save_dit(base, str(tmp_path / "base.safetensors"))
+    run = run_folder(tmp_path, student)
+    cfg = load_config(str(run / "final" / "config.yaml"), [f"train.teacher_path={tmp_path / 'base.safetensors'}"])
+    save_config(cfg, str(run / "final" / "config.yaml"))
+    return run
+
+
+def diffusers_with_lora(tmp_path, base, lora_file, caplog):
+    export(open_source(str(tmp_path / "base.safetensors")), str(tmp_path / "base_d"), "diffusers")
+    model = load_diffusers(str(tmp_path / "base_d"), caplog, subfolder="transformer")
+    converted = diffusers.WanPipeline.lora_state_dict(str(lora_file))  # ComfyUI/Wan names -> diffusers/peft
+    model.load_lora_adapter(converted, prefix="transformer", adapter_name="causvid")
+    return model
+
+
+def test_lora_full_rank_in_diffusers_equals_the_student(tmp_path, caplog):
+    pytest.importorskip("peft")
+    base = random_dit(8)
+    student = student_of(base, only_linear=True)
+    out = tmp_path / "lora"
+    files = export(open_source(str(lora_run(tmp_path, student, base))), str(out), "lora",
+                   lora=LoraOptions(rank=64))
+    assert "causvid_lora_rank32_float32.safetensors" in files  # 64 capped at the full rank of the tiny layers
+    from safetensors.torch import load_file
+
+    lora = load_file(str(out / "causvid_lora_rank32_float32.safetensors"))
+    check_lora_format(lora, base.state_dict())
+    report = json.loads((out / "lora_report.json").read_text())
+    assert report["relative_error_total"] < 1e-12 and report["ignored_by_diffusers"] == []
+    model = diffusers_with_lora(tmp_path, base, out / "causvid_lora_rank32_float32.safetensors", caplog)
+    x, ctx = inputs(base.cfg)
+    for t in TIMESTEPS:
+        torch.testing.assert_close(theirs(model, x, ctx, t), ours(student, x, ctx, t), rtol=0, atol=1e-4)
+
+
+def test_lora_truncated_rank_error_is_what_diffusers_applies(tmp_path, caplog):
+    pytest.importorskip("peft")
+    from causvid.export import LoraOptions
+    from causvid.lora_extract import apply_lora
+
+    base = random_dit(9)
+    student = student_of(base, only_linear=True)
+    out = tmp_path / "lora4"
+    export(open_source(str(lora_run(tmp_path, student, base))), str(out), "lora", lora=LoraOptions(rank=4))
+    report = json.loads((out / "lora_report.json").read_text())
+    # per layer: |delta - rank-4 truncation| / |delta| = sqrt(sum_{i>=4} s_i^2 / sum s_i^2) (Eckart-Young)
+    name = "blocks.1.ffn.0"
+    delta = (student.state_dict()[f"{name}.weight"] - base.state_dict()[f"{name}.weight"]).double()
+    sv = torch.linalg.svdvals(delta)
+    assert report["relative_error_per_layer"][name] == pytest.approx(float((sv[4:] ** 2).sum() / (sv ** 2).sum()) ** 0.5,
+                                                                      rel=1e-9)
+    assert report["relative_error_total"] == pytest.approx(0.816, abs=1e-3)  # random deltas: not low-rank (docs)
+    from safetensors.torch import load_file
+
+    lora = load_file(str(out / "causvid_lora_rank4_float32.safetensors"))
+    check_lora_format(lora, base.state_dict())
+    merged = WanDiT(base.cfg).eval()
+    merged.load_state_dict(apply_lora(base.state_dict(), lora))
+    model = diffusers_with_lora(tmp_path, base, out / "causvid_lora_rank4_float32.safetensors", caplog)
+    x, ctx = inputs(base.cfg)
+    torch.testing.assert_close(theirs(model, x, ctx, 500.0), ours(merged, x, ctx, 500.0), rtol=0, atol=1e-4)
+    assert (ours(merged, x, ctx, 500.0) - ours(student, x, ctx, 500.0)).abs().max() > 1e-3  # rank 4 is lossy
+
+
+def test_lora_full_deltas_applied_as_comfyui_does_and_listed_as_ignored_by_diffusers(tmp_path):
+    from causvid.lora_extract import apply_lora, extract_lora
+
+    base = random_dit(10)
+    student = student_of(base, only_linear=False)  # norms, modulation, patch embedding changed too
+    lora, report = extract_lora(student.state_dict(), base.state_dict(), rank=64)
+    check_lora_format(lora, base.state_dict())
+    merged = apply_lora(base.state_dict(), lora)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-6)
+    assert "blocks.0.modulation" in report.full_deltas and "patch_embedding.weight" in report.full_deltas
+    from causvid.lora_extract import diffusers_skips
+
+    assert diffusers_skips("diffusion_model.blocks.0.modulation.diff")
+    assert diffusers_skips("diffusion_model.blocks.0.norm3.diff_b")
+    assert not diffusers_skips("diffusion_model.blocks.0.ffn.0.diff_b")
+    # energy: 1.0 keeps every singular value, a small fraction keeps rank 1
+    full, _ = extract_lora(student.state_dict(), base.state_dict(), energy=1.0)
+    assert full["diffusion_model.blocks.0.ffn.0.lora_down.weight"].shape[0] == 32
+    one, _ = extract_lora(student.state_dict(), base.state_dict(), energy=1e-9)
+    assert one["diffusion_model.blocks.0.ffn.0.lora_down.weight"].shape[0] == 1
+
+
+def test_lora_cli_errors(tmp_path, capsys):
+    base = random_dit(11)
+    run = run_folder(tmp_path, student_of(base, only_linear=True))  # its config has no teacher_path
+    assert main([str(run), "--format", "lora", "--out", str(tmp_path / "o")]) == 2
+    assert "needs the base model" in capsys.readouterr().err
+    assert main([str(run), "--format", "lora", "--out", str(tmp_path / "o"), "--base", str(tmp_path / "nope")]) == 2
+    assert "LoRA base not found" in capsys.readouterr().err
+    assert main([str(run), "--format", "lora", "--out", str(tmp_path / "o"), "--rank", "0"]) == 2
+    assert main([str(run), "--format", "wan", "--out", str(tmp_path / "o"), "--rank", "4"]) == 2
+    assert "apply to --format lora only" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o")
