@@ -5,7 +5,8 @@
 - ``wan``: the official layout, ``config.json`` (WanModel fields) + ``diffusion_pytorch_model.safetensors`` in the
   original names, as in ``Wan-AI/Wan2.1-T2V-1.3B`` (``wan_architecture.md`` §0);
 - ``diffusers``: ``transformer/`` for ``diffusers.WanTransformer3DModel.from_pretrained`` (diffusers names,
-  sharded with an index past ``max_shard_size``);
+  sharded with an index past ``max_shard_size``) and, when the run names its VAE, ``vae/`` for
+  ``AutoencoderKLWan``;
 - ``lora``: the student minus its base (the teacher) by truncated SVD, in the key format of the CausVid LoRA for
   Wan2.1 that ComfyUI and diffusers' ``WanPipeline.load_lora_weights`` read (:mod:`causvid.lora_extract`), with a
   ``lora_report.json`` of the relative reconstruction error per layer.
@@ -120,6 +121,32 @@ def shard_size_bytes(size: int | str) -> int:
     return int(float(m.group(1)) * unit)
 
 
+def diffusers_vae_config(arch) -> dict:
+    """``vae/config.json`` for ``AutoencoderKLWan`` (its constructor's arguments) from our :class:`VAEArch`."""
+    z = arch.z_dim
+    return {"_class_name": "AutoencoderKLWan", "_diffusers_version": "0.33.0", "base_dim": arch.base_dim,
+            "decoder_base_dim": None, "z_dim": z, "dim_mult": list(arch.dim_mult),
+            "num_res_blocks": arch.num_res_blocks, "attn_scales": [],
+            "temperal_downsample": list(arch.temporal_downsample), "dropout": arch.dropout,
+            "latents_mean": list(arch.latent_mean) if arch.latent_mean is not None else [0.0] * z,
+            "latents_std": list(arch.latent_std) if arch.latent_std is not None else [1.0] * z,
+            "is_residual": False, "in_channels": 3, "out_channels": 3, "patch_size": None,
+            "scale_factor_temporal": 2 ** sum(arch.temporal_downsample),
+            "scale_factor_spatial": 2 ** (len(arch.dim_mult) - 1)}
+
+
+def _write_vae(vae_path: str, size: Optional[str], folder: str, max_shard_size: int | str,
+               dtype: Optional[torch.dtype]) -> None:
+    """The run's VAE (any size of the Wan2.1 VAE architecture) as a diffusers ``vae/`` folder."""
+    from causvid.models.vae import load_vae, to_diffusers_key
+
+    vae = load_vae(vae_path, size)
+    os.makedirs(folder)
+    _write_json(diffusers_vae_config(vae.arch), os.path.join(folder, "config.json"))
+    write_weights({to_diffusers_key(k, vae.arch): (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+                   for k, v in vae.state_dict().items()}, folder, max_shard_size)
+
+
 def _write_json(obj: Mapping, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -177,6 +204,9 @@ def export(source: ExportSource, out: str, fmt: str, *, max_shard_size: int | st
         if fmt == "diffusers":
             _write_json(diffusers_config(cfg), os.path.join(weights_dir, "config.json"))
             write_weights({dit_to_diffusers_key(k): v for k, v in sd.items()}, weights_dir, max_shard_size)
+            vae_path = source.config.vae.path if source.config is not None else None
+            if vae_path:  # the run's VAE, for AutoencoderKLWan
+                _write_vae(vae_path, source.config.vae.size, os.path.join(tmp, "vae"), max_shard_size, dtype)
         elif fmt == "wan":
             _write_json(wan_config(cfg), os.path.join(weights_dir, "config.json"))
             write_weights(sd, weights_dir, max_shard_size)

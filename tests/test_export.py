@@ -325,3 +325,63 @@ def test_lora_cli_errors(tmp_path, capsys):
     assert main([str(run), "--format", "wan", "--out", str(tmp_path / "o"), "--rank", "4"]) == 2
     assert "apply to --format lora only" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+# --- the run's VAE as a diffusers vae/ folder -------------------------------------------------------------------
+
+
+def tiny_vae(seed=12):
+    from causvid.models.vae import WanVAE
+
+    torch.manual_seed(seed)
+    vae = WanVAE("tiny").eval()
+    vae.set_latent_stats(torch.linspace(-0.5, 0.5, 4).tolist(), torch.linspace(0.5, 2.0, 4).tolist())
+    return vae
+
+
+def decode_ours(vae, z):
+    with torch.no_grad():
+        return vae.decode_raw(z).clamp(-1, 1)  # unnormalised z [B, C, F, h, w] -> [B, 3, T, H, W]
+
+
+def test_diffusers_export_writes_the_runs_vae_for_autoencoderklwan(tmp_path, caplog):
+    from causvid.models.vae import load_vae, save_vae
+
+    vae = tiny_vae()
+    save_vae(vae, str(tmp_path / "vae.safetensors"))
+    run = run_folder(tmp_path, random_dit())
+    cfg = load_config(str(run / "final" / "config.yaml"), ["vae.size=tiny", f"vae.path={tmp_path / 'vae.safetensors'}"])
+    save_config(cfg, str(run / "final" / "config.yaml"))
+    files = export(open_source(str(run)), str(tmp_path / "exp"), "diffusers")
+    assert {"vae/config.json", "vae/diffusion_pytorch_model.safetensors"} <= set(files)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        theirs_vae = diffusers.AutoencoderKLWan.from_pretrained(str(tmp_path / "exp"), subfolder="vae").eval()
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("diffusers")] + [str(w.message) for w in caught]
+    assert not [m for m in said if any(s in m.lower() for s in ("missing", "unexpected", "not used", "ignored",
+                                                                     "newly initialized"))], said
+    z = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = theirs_vae.decode(z).sample  # [B, 3, T, H, W]
+    want = decode_ours(vae, z)
+    assert want.shape == (1, 3, 5, 16, 16) and want.abs().mean() > 0.01
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    back = load_vae(str(tmp_path / "exp" / "vae"))
+    assert back.arch.structure() == vae.arch.structure()
+    assert back.arch.latent_mean == pytest.approx(vae.arch.latent_mean) and back.arch.latent_std == pytest.approx(
+        vae.arch.latent_std)  # the latent statistics travel in config.json (latents_mean / latents_std)
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+def test_our_loader_reads_a_diffusers_save_pretrained_vae(tmp_path):
+    from causvid.export import diffusers_vae_config
+    from causvid.models.vae import load_vae, vae_arch
+
+    torch.manual_seed(13)
+    kw = {k: v for k, v in diffusers_vae_config(vae_arch("tiny")).items() if not k.startswith("_")}
+    theirs_vae = diffusers.AutoencoderKLWan(**kw).eval()
+    theirs_vae.save_pretrained(str(tmp_path / "d"))
+    ours_vae = load_vae(str(tmp_path / "d")).eval()
+    z = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(decode_ours(ours_vae, z), theirs_vae.decode(z).sample, rtol=0, atol=1e-5)
