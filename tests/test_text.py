@@ -448,3 +448,29 @@ def test_token_ids_outside_the_vocabulary_are_refused(tok_dir):
     enc = UMT5TextEncoder(small, UMT5TextEncoder.random(tok_dir, "tiny").tokenizer)
     with pytest.raises(ValueError, match="outside the umT5 vocabulary of 8"):
         enc.encode(["a red circle moving left"])
+
+
+def test_transformers_umt5_encoder_folder_loads_and_matches(tmp_path, tok_dir):
+    """A folder written by transformers' own ``UMT5EncoderModel.save_pretrained`` (the `interop` extra brings
+    transformers) loads through the strict HF name map and encodes like transformers does."""
+    transformers = pytest.importorskip("transformers")
+    a = umt5_arch("tiny")
+    torch.manual_seed(0)
+    config = transformers.UMT5Config(vocab_size=a.vocab_size, d_model=a.dim, d_kv=a.dim_attn // a.num_heads,
+                                     d_ff=a.dim_ffn, num_heads=a.num_heads, num_layers=a.num_layers,
+                                     relative_attention_num_buckets=a.num_buckets,
+                                     relative_attention_max_distance=a.max_distance, layer_norm_epsilon=a.eps,
+                                     feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    theirs = transformers.UMT5EncoderModel(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # norms away from 1, so a skipped multiply shows
+    theirs.save_pretrained(str(tmp_path / "hf"))
+    ours = UMT5TextEncoder.from_files(str(tmp_path / "hf"), tok_dir, "tiny", dtype=torch.float32, text_len=8)
+    ids = torch.tensor([[5, 9, 31, 7, 1, 0, 0, 0], [12, 3, 44, 8, 16, 2, 1, 0]])
+    mask = (torch.arange(8) < torch.tensor([[5], [7]])).long()
+    with torch.no_grad():
+        want = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours.model(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
