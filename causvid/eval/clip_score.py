@@ -225,7 +225,9 @@ def resolve_pretrained_tag(model_name: str, tag: str, cache_dir: str | None = No
     """An open_clip pretrained tag -> (local weight file, the tag's config). Uses open_clip's download helper,
     which reads the Hugging Face cache first; without a network and without a cached copy this is an error
     naming the tag and suggesting a local path."""
-    open_clip = _import_open_clip()
+    from importlib import metadata
+
+    _import_open_clip()
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
 
     cfg = get_pretrained_cfg(model_name, tag)
@@ -233,7 +235,7 @@ def resolve_pretrained_tag(model_name: str, tag: str, cache_dir: str | None = No
         tags = list_pretrained_tags_by_model(model_name)
         raise WeightsError(
             f"unknown open_clip pretrained tag {tag!r} for model {model_name!r} (known tags: {tags}); "
-            f"or pass pretrained=<path to a local weight file> (open_clip {open_clip.__version__})"
+            f"or pass pretrained=<path to a local weight file> (open_clip_torch {metadata.version('open_clip_torch')})"
         )
     source = cfg.get("hf_hub") or cfg.get("url") or "?"
     try:
