@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from causvid.models.weights import load_into, load_safetensors, save_safetensors
+from causvid.models.weights import file_sha256, load_into, load_safetensors, save_safetensors
 
 from . import parallel
 
@@ -236,18 +236,23 @@ def resolve_resume(output_dir: str, resume: str) -> Optional[str]:
 
 
 def _invalidate_and_remove(path: str) -> None:
-    """Delete ``COMPLETE`` first (durably), then the rest: a kill in between leaves no marked half-checkpoint."""
+    """Delete ``COMPLETE`` first (durably), then rename the folder to ``*.deleting`` and delete it: a kill at
+    any point leaves no marked half-checkpoint, and the next prune finishes the job."""
     marker = os.path.join(path, COMPLETE)
     if os.path.exists(marker):
         os.remove(marker)
         fsync_dir(path)
         _fault_point(None, f"pruning {path}", "prune")
-    shutil.rmtree(path, ignore_errors=True)
+    doomed = f"{path}.deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    fsync_dir(os.path.dirname(path) or ".")
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def prune(output_dir: str, keep_last: int, run_id: Optional[str] = None) -> list[str]:
     """Delete complete checkpoints of lineage ``run_id`` older than its newest ``keep_last``, markerless
-    leftovers of that lineage (an interrupted prune) and stale ``*.tmp`` folders.
+    leftovers of that lineage (an interrupted prune) and stale ``*.tmp`` / ``*.deleting`` folders.
 
     ``run_id`` None: every lineage counts as one (legacy). Call only after a successful save, on the
     main process, with no save in progress. Never removes the newest complete checkpoint of the
@@ -265,21 +270,13 @@ def prune(output_dir: str, keep_last: int, run_id: Optional[str] = None) -> list
                 _invalidate_and_remove(path)
                 removed.append(path)
     for entry in os.listdir(output_dir):
-        if entry.startswith("checkpoint-") and entry.endswith(".tmp"):
+        if entry.startswith("checkpoint-") and entry.endswith((".tmp", ".deleting")):
             shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
             removed.append(os.path.join(output_dir, entry))
     return removed
 
 
 # ----------------------------------------------------------------------------------------- manifest
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def manifest_of(folder: str) -> dict[str, dict]:
     """``{file: {"size", "sha256"}}`` of every file in ``folder`` except the marker."""
     out = {}
