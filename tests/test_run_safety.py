@@ -70,6 +70,7 @@ def test_signal_through_accelerate_launch_checkpoints_and_leaves_no_process(tmp_
         cmd = [sys.executable, "-m", "causvid.train.launch", *cmd[3:]]
     proc = subprocess.Popen(cmd, env=sub_env(DUMMY_SLEEP="0.02"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    worlds, survivors = [], []
     try:
         wait_for(lambda: n_records(out) >= 3 and (out / f"world_{nproc - 1}.json").is_file(), 180, proc, "3 steps")
         worlds = [json.loads((out / f"world_{r}.json").read_text()) for r in range(nproc)]
@@ -84,9 +85,13 @@ def test_signal_through_accelerate_launch_checkpoints_and_leaves_no_process(tmp_
         while time.time() < deadline and not all(gone(w["pid"]) for w in worlds):
             time.sleep(0.1)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert all(gone(w["pid"]) for w in worlds), "a training process outlived its launcher"
+        survivors = [w["pid"] for w in worlds if not gone(w["pid"])]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher's group: the launcher and any orphan
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert not survivors, "a training process outlived its launcher"
     step = n_records(out)
     for r in range(nproc):  # every training process returned from run() normally (exit path 0) after the checkpoint
         summary = json.loads((out / f"seen_{r}.json").read_text())["summary"]

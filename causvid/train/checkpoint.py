@@ -295,10 +295,14 @@ def verify(path: str) -> None:
     """
     marker = os.path.join(path, COMPLETE)
     try:
+        st = os.stat(marker)
         with open(marker) as f:
             text = f.read()
     except OSError as err:
         raise CheckpointError(f"checkpoint {path}: cannot read {COMPLETE}: {err}") from None
+    key = (os.path.abspath(path), st.st_ino, st.st_mtime_ns)
+    if key in _VERIFIED:  # this process already read every file of this very checkpoint
+        return
     try:
         manifest = json.loads(text)
     except ValueError:
@@ -312,6 +316,10 @@ def verify(path: str) -> None:
             raise CheckpointError(f"checkpoint {path}: file {name} is missing")
         if os.path.getsize(file) != want.get("size") or file_sha256(file) != want.get("sha256"):
             raise CheckpointError(f"checkpoint {path}: file {name} does not match its checksum (corrupt)")
+    _VERIFIED.add(key)
+
+
+_VERIFIED: set[tuple] = set()  # (path, marker inode, marker mtime) verified by this process
 
 
 # -------------------------------------------------------------------------------------- config hash
@@ -479,7 +487,7 @@ def load_checkpoint(
     """
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker)")
-    verify(path)  # again: the files may have changed since resolve_resume
+    verify(path)  # a no-op when resolve_resume verified it in this process
     state = read_trainer_state(path)
     for name, opt in optimizers.items():
         parallel.load_optimizer_state(accelerator, models[name], opt, torch_load(os.path.join(path, f"optimizer_{name}.pt")))

@@ -251,6 +251,7 @@ class Trainer:
             log_with=trackers, project_dir=self.output_dir,
         )
         self.accelerator, self.world_size, self.rank = acc, acc.num_processes, acc.process_index
+        self.resume_path = parallel.broadcast_object(acc, self.resume_path)  # rank 0's decision, made under the lock
         self.main = acc.is_main_process
         if trackers:
             acc.init_trackers(str(cfg.train.project), config=_flat_config(cfg))
@@ -357,7 +358,11 @@ class Trainer:
         }
 
     def _weights_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for m in self.modules.values() for p in m.parameters())
+        """Every trainable weight finite on every rank (a collective: local shards under FSDP)."""
+        bad = any(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                  for m in self.modules.values() for p in m.parameters())
+        flag = torch.tensor([float(bad)], device=self.accelerator.device)
+        return not bool(parallel.all_reduce_max(self.accelerator, flag).item() > 0)
 
     def save(self, step: int) -> str:
         """Checkpoint after ``step`` completed steps (every rank calls this)."""
