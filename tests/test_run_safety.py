@@ -107,6 +107,23 @@ def test_signal_through_accelerate_launch_checkpoints_and_leaves_no_process(tmp_
         assert rc == 0, log[-3000:]
 
 
+def test_stop_request_repeated_signals_and_launcher_detection():
+    from causvid.train.preemption import StopRequest, under_launcher
+
+    assert under_launcher({"LOCAL_RANK": "0"}) and under_launcher({"ACCELERATE_USE_CPU": "False"})
+    assert not under_launcher({"HOME": "/root"})
+    direct = StopRequest(launched=False)
+    direct.handle(signal.SIGTERM)
+    assert direct.signal == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C in a terminal aborts
+        direct.handle(signal.SIGINT)
+    launched = StopRequest(launched=True)
+    launched.handle(signal.SIGINT)
+    launched.handle(signal.SIGINT)  # the group's copy and the agent's copy: one request
+    launched.handle(signal.SIGTERM)
+    assert launched.signal == signal.SIGINT
+
+
 # ---------------------------------------------------------------------------------------- 2. run lock
 def test_second_run_on_a_folder_is_refused_naming_the_holder(tmp_path, capsys):
     from causvid.train.run_lock import RunLock, RunLockError

@@ -12,7 +12,7 @@ checkpoints, exits 0). Three launch paths need more than a handler:
   (an interactive second Ctrl-C); under a launcher every further signal is the same request.
 
 A launcher is recognised by the variables it sets for its children (``LOCAL_RANK`` / ``TORCHELASTIC_RUN_ID``
-for torchrun, ``ACCELERATE_*`` for accelerate's single-process launcher).
+for torchrun, ``ACCELERATE_USE_CPU``, always set by accelerate's single-process launcher).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _PR_SET_PDEATHSIG = 1
 def under_launcher(env=None) -> bool:
     """True when a launcher (torchrun, accelerate launch) started this process."""
     env = os.environ if env is None else env
-    return "LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env or any(k.startswith("ACCELERATE_") for k in env)
+    return "LOCAL_RANK" in env or "TORCHELASTIC_RUN_ID" in env or "ACCELERATE_USE_CPU" in env
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
