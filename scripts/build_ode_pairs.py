@@ -69,8 +69,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         for name in ("--batch-size", "--limit"):
             check_count(name, getattr(args, name[2:].replace("-", "_")))
-        check_run(cfg, paths=("train.teacher_path", "text.path", "text.tokenizer_path", "ode_pairs.prompts"),
-                  output_key=None)
+        # --dry-run plans without the weights (they may not be downloaded yet); a real run needs them
+        check_run(cfg, paths=("ode_pairs.prompts",) if args.dry_run else (
+            "train.teacher_path", "text.path", "text.tokenizer_path", "ode_pairs.prompts"), output_key=None)
         check_output_dir(args.out or cfg.ode_pairs.output_dir, "--out" if args.out else "ode_pairs.output_dir")
         settings = OP.settings_from_config(cfg, batch_size=args.batch_size)
         settings.levels()  # fails early (with the distance) when the grid does not contain the levels

@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         for name in ("--num-videos", "--shard-size", "--batch-size", "--limit"):
             check_count(name, getattr(args, name[2:].replace("-", "_")))
-        check_run(cfg, paths=("vae.path", "text.path", "text.tokenizer_path"), output_key=None)
+        # --dry-run plans without the weights (they may not exist yet); a real run needs them
+        check_run(cfg, paths=() if args.dry_run else ("vae.path", "text.path", "text.tokenizer_path"), output_key=None)
         out = args.out or (cfg.data.path if cfg.data.source == "latents" and cfg.data.path else "runs/toy/latents")
         check_output_dir(out, "--out")
         videos, n, desc = _source(cfg, args)
