@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from causvid.config import ConfigError, load_config  # noqa: E402
+from causvid.validate import check_count, check_output_dir, check_run  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +67,12 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        for name in ("--batch-size", "--limit"):
+            check_count(name, getattr(args, name[2:].replace("-", "_")))
+        # --dry-run plans without the weights (they may not be downloaded yet); a real run needs them
+        check_run(cfg, paths=("ode_pairs.prompts",) if args.dry_run else (
+            "train.teacher_path", "text.path", "text.tokenizer_path", "ode_pairs.prompts"), output_key=None)
+        check_output_dir(args.out or cfg.ode_pairs.output_dir, "--out" if args.out else "ode_pairs.output_dir")
         settings = OP.settings_from_config(cfg, batch_size=args.batch_size)
         settings.levels()  # fails early (with the distance) when the grid does not contain the levels
         if cfg.ode_pairs.prompts and not os.path.isfile(cfg.ode_pairs.prompts):

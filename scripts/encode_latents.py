@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from causvid.config import ConfigError, load_config  # noqa: E402
 from causvid.data import shards as SH  # noqa: E402
+from causvid.validate import check_count, check_output_dir, check_run  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,6 +55,7 @@ def _source(cfg, args):
         from causvid.data.toyworld import toyworld_from_config
 
         world = toyworld_from_config(cfg.data)
+        check_count("--num-videos", args.num_videos, available=len(world))
         n = min(args.num_videos or 2048, len(world))
         t = cfg.data.toyworld
         desc = {"source": "toyworld", "seed": int(t.seed), "max_objects": int(t.max_objects),
@@ -66,16 +68,25 @@ def _source(cfg, args):
         raise ConfigError("--source videos needs --videos PATH or config key 'data.path'")
     cfg.data.path = path
     ds = _video_source(cfg)
-    n = min(args.num_videos or len(ds), len(ds))
+    check_count("--num-videos", args.num_videos, available=len(ds))
+    n = args.num_videos or len(ds)
     return ds, n, {"source": "videos", "path": os.path.abspath(path)}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_flush_denormal(True)  # denormals slow CPU kernels several-fold (environment.md)
+    out = None
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        for name in ("--num-videos", "--shard-size", "--batch-size", "--limit"):
+            check_count(name, getattr(args, name[2:].replace("-", "_")))
+        # --dry-run plans without the weights (they may not exist yet); a real run needs them
+        check_run(cfg, paths=() if args.dry_run else ("vae.path", "text.path", "text.tokenizer_path"), output_key=None)
+        out = args.out or (cfg.data.path if cfg.data.source == "latents" and cfg.data.path else "runs/toy/latents")
+        check_output_dir(out, "--out")
+        videos, n, desc = _source(cfg, args)
+    except (ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from accelerate import PartialState
@@ -83,8 +94,6 @@ def main(argv=None) -> int:
     from causvid.models.registry import dit_config
     from causvid.train.stages import VideoCaptionDataset
 
-    out = args.out or (cfg.data.path if cfg.data.source == "latents" and cfg.data.path else "runs/toy/latents")
-    videos, n, desc = _source(cfg, args)
     d = dit_config(cfg.model.size)
     settings = {**desc, "height": int(cfg.data.height), "width": int(cfg.data.width),
                 "num_frames": int(cfg.data.num_frames), "fps": float(cfg.data.fps), "vae_size": str(cfg.vae.size),

@@ -103,6 +103,7 @@ def finish(proc, timeout: float) -> tuple[int, str]:
 def _fake_ckpt(root: Path, step: int, complete: bool) -> Path:
     p = root / f"checkpoint-{step}"
     p.mkdir(parents=True)
+    (p / "trainer_state.json").write_text(json.dumps({"step": step}))
     if complete:
         (p / ckpt.COMPLETE).write_text("ok")
     return p

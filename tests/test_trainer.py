@@ -242,7 +242,10 @@ def test_grad_accum_matches_a_larger_batch(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_export_uses_ema_and_absolute_paths(tmp_path):
+def test_export_uses_ema_and_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "vae.safetensors").write_bytes(b"")  # a relative path that exists (paths are checked)
     out = tmp_path / "run"
     cfg = make_cfg(out, **{"vae.path": "rel/vae.safetensors"})
     stage = DummyStage(cfg)

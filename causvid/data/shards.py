@@ -5,7 +5,8 @@ On disk, one folder::
     plan.json                 what is being written (item count, shard size, settings); checked on resume
     shard-00000.safetensors   items [0, shard_size), self-describing (ids and captions in its header)
     shard-00001.safetensors   ...
-    index.json                written last, once every shard exists: shard -> sample ids and shapes
+    index.json                written last, once every shard exists: shard -> sample ids, shapes, size
+                              and sha256 (readers verify each shard against it before its first read)
 
 Writing is resumable and parallel: shard ``s`` holds items ``[s * shard_size, (s + 1) * shard_size)``, rank ``r``
 of ``w`` processes writes the shards ``s`` with ``s % w == r``, every shard is written atomically (temporary
@@ -36,7 +37,7 @@ from typing import Any, Optional, Sequence
 import torch
 from safetensors import safe_open
 
-from causvid.models.weights import save_safetensors
+from causvid.models.weights import file_sha256, save_safetensors
 
 PLAN_NAME = "plan.json"
 INDEX_NAME = "index.json"
@@ -201,7 +202,8 @@ def finalize_index(folder: str, plan: ShardPlan, extra: Optional[dict] = None) -
         path = os.path.join(folder, shard_name(s))
         with safe_open(path, framework="pt") as f:
             shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-        shards.append({"file": shard_name(s), "ids": plan.shard_items(s), "shapes": shapes})
+        shards.append({"file": shard_name(s), "ids": plan.shard_items(s), "shapes": shapes,
+                       "size": os.path.getsize(path), "sha256": file_sha256(path)})
     index = {**plan.to_dict(), **(extra or {}), "num_samples": plan.num_items, "shards": shards}
     _atomic_json(os.path.join(folder, INDEX_NAME), _jsonable(index))
     return index
@@ -305,6 +307,20 @@ class _ShardDataset(torch.utils.data.Dataset):
                 raise ShardError(f"{index_path} lists {sh['file']}, which is missing from {self.folder}")
         self._len = n
         self._captions: dict[int, list[str]] = {}
+        self._verified: set[int] = set()
+
+    def verify_shard(self, s: int) -> None:
+        """Check shard ``s`` against the size and sha256 in ``index.json`` (once per process); ShardError if not.
+
+        An index written before checksums existed has none: its shards are read unverified."""
+        if s in self._verified:
+            return
+        sh = self.shards[s]
+        path = os.path.join(self.folder, sh["file"])
+        if "sha256" in sh and (os.path.getsize(path) != sh.get("size") or file_sha256(path) != sh["sha256"]):
+            raise ShardError(f"shard {path} does not match its checksum in {INDEX_NAME} (corrupt); rewrite it: "
+                             f"delete it and {INDEX_NAME}, then re-run the script that wrote the folder")
+        self._verified.add(s)
 
     @property
     def settings(self) -> dict:
@@ -323,6 +339,7 @@ class _ShardDataset(torch.utils.data.Dataset):
 
     def _read(self, i: int, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], str, dict]:
         s, row = self._locate(i)
+        self.verify_shard(s)
         path = os.path.join(self.folder, self.shards[s]["file"])
         try:
             with safe_open(path, framework="pt") as f:

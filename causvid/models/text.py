@@ -402,8 +402,11 @@ class TextEncoder(nn.Module):
     """A frozen prompt encoder: ``encode(prompts) -> (emb [B, text_len, dim] float32, lens [B])``.
 
     * Rows ``>= lens[b]`` are exactly zero (the official pipeline keeps only the real rows, the DiT
-      zero-pads them back; §5.4). Positions past the longest prompt of a batch are never computed:
-      padded keys are masked, so the real rows are those of a full-length run.
+      zero-pads them back; §5.4). Positions past a prompt's own length are never computed: padded
+      keys are masked, so the real rows are those of a full-length run.
+    * Each prompt is encoded on its own, so its embedding is a pure function of the prompt (bit for
+      bit): it never depends on which other prompts were encoded with it or before it, and a resumed
+      training run encodes exactly what the uninterrupted run did (docs/reliability.md).
     * Embeddings are cached by prompt string (only the real rows are kept, least recently used ones
       are evicted past ``max_cache_entries``); ``clear_cache()`` empties it.
     * ``release()`` moves the weights to the CPU to give accelerator memory back; the cache stays.
@@ -412,7 +415,6 @@ class TextEncoder(nn.Module):
     :meth:`forward`.
     """
 
-    encode_batch_size: int = 16
     max_cache_entries: int = 256  # umT5-XXL: ~1.6 MB per 100-token prompt
 
     def __init__(self, tokenizer: TextTokenizer, dim: int):
@@ -451,8 +453,8 @@ class TextEncoder(nn.Module):
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         self.cache_misses += len(todo)
         self.cache_hits += len(prompts) - len(todo)
-        for i in range(0, len(todo), self.encode_batch_size):
-            self._encode_uncached(todo[i: i + self.encode_batch_size])
+        for p in todo:
+            self._encode_uncached([p])  # one at a time: the result must not depend on the batch
         device = torch.device(device) if device is not None else self.device
         emb = torch.zeros(len(prompts), self.text_len, self.dim, dtype=torch.float32, device=device)
         lens = torch.zeros(len(prompts), dtype=torch.long)

@@ -7,6 +7,7 @@ mis-shaped tensor is an error that names it; a corrupt file is an error that nam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Callable, Iterable, Mapping
@@ -20,6 +21,15 @@ SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
 
 class WeightsError(RuntimeError):
     """A weight file is missing, corrupt, unsafe, or does not match the model."""
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (checkpoint manifests, shard index checksums)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_safetensors(path: str, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -65,7 +65,7 @@ def _normalize_schedule(prompts: PromptSpec) -> tuple[dict[int, list[str]], bool
             if c < 0:
                 raise ValueError(f"prompt schedule: chunk index {c} must be >= 0")
             is_list = not isinstance(p, str)
-            p = [p] if isinstance(p, str) else [str(q) for q in p]
+            p = [p] if isinstance(p, str) else _prompt_list(p)
             if batched is not None and (is_list != batched or len(p) != len(next(iter(sched.values())))):
                 raise ValueError(f"prompt schedule: chunk {c} has {len(p)} prompt(s); every entry must be a string, "
                                  "or every entry a list of the same length (one prompt per sample)")
@@ -74,10 +74,22 @@ def _normalize_schedule(prompts: PromptSpec) -> tuple[dict[int, list[str]], bool
         if 0 not in sched:
             raise ValueError(f"prompt schedule must give a prompt for chunk 0, got chunks {sorted(sched)}")
         return sched, bool(batched)
-    prompts = [str(p) for p in prompts]
+    prompts = _prompt_list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
     return {0: prompts}, True
+
+
+def _prompt_list(prompts: Any) -> list[str]:
+    """A list of prompt strings; anything else (None, numbers, a bare non-string) is a ValueError naming it."""
+    try:
+        items = list(prompts)
+    except TypeError:
+        raise ValueError(f"invalid prompt {prompts!r}: a prompt must be a string") from None
+    for q in items:
+        if not isinstance(q, str):
+            raise ValueError(f"invalid prompt {q!r}: a prompt must be a string")
+    return items
 
 
 def _as_video_tensor(video: Any) -> torch.Tensor:
@@ -170,6 +182,9 @@ class CausalSampler:
         self.steps = [float(s) for s in steps]
         if not self.steps or any(b >= a for a, b in zip(self.steps, self.steps[1:])):
             raise ValueError(f"steps must be a non-empty strictly decreasing list of timesteps, got {self.steps}")
+        top = int(getattr(getattr(cfg, "schedule", None), "num_train_timesteps", 1000))
+        if not all(0.0 <= s <= top for s in self.steps):
+            raise ValueError(f"steps must lie in [0, {top}], got {self.steps}")
         self.context_noise = float(context_noise)
         if sink_chunks < 0 or window_chunks < 0:
             raise ValueError(f"sink_chunks ({sink_chunks}) and window_chunks ({window_chunks}) must be >= 0")
@@ -381,7 +396,12 @@ class CausalSampler:
 
     @staticmethod
     def _generators(seed: Union[int, Sequence[int]], B: int) -> list[torch.Generator]:
-        seeds = [int(seed) + b for b in range(B)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+        def ok(s):
+            return isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+
+        if not ok(seed) and not (isinstance(seed, (list, tuple)) and all(ok(s) for s in seed)):
+            raise ValueError(f"invalid seed {seed!r}: an integer, or a list of integers (one per sample)")
+        seeds = [int(seed) + b for b in range(B)] if ok(seed) else [int(s) for s in seed]
         if len(seeds) != B:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {B}")
         return [torch.Generator().manual_seed(s) for s in seeds]
@@ -455,6 +475,9 @@ class CausalSampler:
             total = None  # until the input video ends (needs a rolling cache)
         if total is not None and P:
             check_prefix(self.layout, total, P)
+        if total is not None and max(sched) >= len(self.layout.chunks(total)):
+            raise ValueError(f"prompt schedule: chunk {max(sched)} lies past the stream's end "
+                             f"({len(self.layout.chunks(total))} chunks)")
         capacity, sink = self.cache_plan(total)
 
         caches = [self._kv_cache(i, B, capacity, sink, S_tok) for i in range(2 if self.guidance != 1.0 else 1)]

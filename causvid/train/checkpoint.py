@@ -8,15 +8,25 @@ Layout of ``<output_dir>/checkpoint-{step}/`` (``step`` = number of completed tr
                               containers; loaded with ``weights_only=True``)
     rng_state_{rank}.pt       per-rank RNG states: torch (CPU + CUDA) as tensors, numpy and Python
                               ``random`` as tensors / plain lists (no pickled objects)
-    trainer_state.json        step, data cursor, update and non-finite counters, config hash, versions
+    trainer_state.json        step, data cursor, update and non-finite counters, config hash, versions,
+                              run id (the lineage) and whether every weight was finite
     config.yaml               the resolved run config
-    COMPLETE                  written last, after a barrier (every rank wrote its part)
+    COMPLETE                  written last, after a barrier (every rank wrote its part): JSON with the
+                              step and the size and sha256 of every other file (the manifest)
+
+``<output_dir>/run_id`` names the current run lineage (a fresh start writes a new id, a resume
+adopts its checkpoint's id). Pruning only removes checkpoints of that lineage, so a
+``train.resume=never`` run in a used folder never deletes its own new checkpoints, and
+``auto`` / ``latest`` resume the current lineage. The run lock is :mod:`causvid.train.run_lock`.
 
 A checkpoint is written into ``checkpoint-{step}.tmp/`` and renamed only once ``COMPLETE`` is in
 it, so a folder named ``checkpoint-{step}`` without the marker can only be a manual leftover, and
 :func:`latest_complete` ignores it. Single files are written atomically (temporary file, fsync,
-``os.replace``). Pruning to the last K runs only *after* a successful save and never removes the
-newest complete checkpoint.
+``os.replace``). Pruning to the last K runs only *after* a successful save, never removes the
+newest complete checkpoint, and deletes the ``COMPLETE`` marker (durably) before any other file, so a
+kill during pruning leaves a folder that is not a checkpoint rather than a marked, half-deleted one.
+Every file is verified against the manifest on read (:func:`verify`); ``auto`` / ``latest`` fall back
+to the newest intact checkpoint with a warning naming the bad ones.
 
 Fault injection for tests: ``CAUSVID_FAULT_SAVE="<step>:<raise|exit>"`` (``*`` for any step) makes the
 save of that step raise ``RuntimeError`` or ``os._exit(17)`` in the middle of writing (after the first
@@ -39,13 +49,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from causvid.models.weights import load_into, load_safetensors, save_safetensors
+from causvid.models.weights import file_sha256, load_into, load_safetensors, save_safetensors
 
 from . import parallel
 
 __all__ = [
     "COMPLETE", "CheckpointError", "checkpoint_dir", "is_complete", "list_checkpoints", "latest_complete",
-    "resolve_resume", "prune", "save_checkpoint", "load_checkpoint", "config_hash", "config_diff",
+    "latest_intact", "verify", "current_run_id", "set_current_run_id", "checkpoint_run_id", "resolve_resume", "prune", "save_checkpoint", "load_checkpoint", "config_hash", "config_diff",
     "atomic_write_text", "atomic_write_json", "atomic_torch_save", "torch_load", "get_rng_state", "set_rng_state",
 ]
 
@@ -108,6 +118,9 @@ def torch_load(path: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ listing
+RUN_ID_FILE = "run_id"
+
+
 def checkpoint_dir(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"checkpoint-{int(step)}")
 
@@ -123,8 +136,8 @@ def checkpoint_step(path: str) -> int:
     return int(m.group(1))
 
 
-def list_checkpoints(output_dir: str, complete_only: bool = True) -> list[tuple[int, str]]:
-    """``(step, path)`` of the checkpoint folders in ``output_dir``, oldest first."""
+def list_checkpoints(output_dir: str, complete_only: bool = True, run_id: Optional[str] = None) -> list[tuple[int, str]]:
+    """``(step, path)`` of the checkpoint folders in ``output_dir``, oldest first (of lineage ``run_id`` if given)."""
     if not os.path.isdir(output_dir):
         return []
     out = []
@@ -132,56 +145,181 @@ def list_checkpoints(output_dir: str, complete_only: bool = True) -> list[tuple[
         m = _CKPT_RE.match(entry)
         path = os.path.join(output_dir, entry)
         if m and os.path.isdir(path) and (is_complete(path) or not complete_only):
-            out.append((int(m.group(1)), path))
+            if run_id is None or checkpoint_run_id(path) == run_id:
+                out.append((int(m.group(1)), path))
     return sorted(out)
 
 
+def checkpoint_run_id(path: str) -> Optional[str]:
+    """The run id recorded in a checkpoint's ``trainer_state.json`` (None if absent or unreadable)."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            rid = json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(rid) if rid else None
+
+
+def current_run_id(output_dir: str) -> Optional[str]:
+    """The lineage named by ``<output_dir>/run_id`` (None: no run recorded one)."""
+    try:
+        with open(os.path.join(output_dir, RUN_ID_FILE)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def set_current_run_id(output_dir: str, run_id: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(output_dir, RUN_ID_FILE), f"{run_id}\n")
+
+
+def _candidates(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, newest first: the current lineage's if it has any, else all."""
+    rid = current_run_id(output_dir)
+    found = list_checkpoints(output_dir, run_id=rid) if rid else []
+    return list(reversed(found or list_checkpoints(output_dir)))
+
+
 def latest_complete(output_dir: str) -> Optional[str]:
-    """The newest checkpoint folder that has its ``COMPLETE`` marker, or None."""
-    found = list_checkpoints(output_dir, complete_only=True)
-    return found[-1][1] if found else None
+    """The newest checkpoint folder (of the current lineage if it has one) with its ``COMPLETE`` marker, or None."""
+    found = _candidates(output_dir)
+    return found[0][1] if found else None
+
+
+def latest_intact(output_dir: str, *, finite_only: bool = False) -> Optional[str]:
+    """The newest complete checkpoint (current lineage first) whose files match its manifest, or None.
+
+    Each skipped one is logged as a warning naming it and why. ``finite_only`` also skips checkpoints
+    whose ``trainer_state.json`` says some weight was NaN/Inf when it was saved.
+    """
+    for _, path in _candidates(output_dir):
+        try:
+            verify(path)
+            state = read_trainer_state(path)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", path, err)
+            continue
+        if finite_only and state.get("weights_finite") is False:
+            log.warning("skipping checkpoint %s: it holds non-finite weights", path)
+            continue
+        return path
+    return None
 
 
 def resolve_resume(output_dir: str, resume: str) -> Optional[str]:
     """Which checkpoint to resume from (``train.resume``): a path, or None to start fresh.
 
-    ``never``: None. ``latest``: the newest complete one, an error if there is none. ``auto``: the
-    newest complete one if any, else None. Anything else is a path that must be a complete checkpoint.
+    ``never``: None. ``latest``: the newest intact complete one (current lineage first, weights
+    finite), an error if there is none. ``auto``: the same if any, else None. Anything else is a
+    path that must be an intact complete checkpoint. Broken newer checkpoints are skipped with a
+    warning naming them.
     """
     resume = str(resume or "auto")
     if resume == "never":
         return None
     if resume in ("latest", "auto"):
-        path = latest_complete(output_dir)
+        path = latest_intact(output_dir, finite_only=True)
         if path is None and resume == "latest":
             raise CheckpointError(
-                f"train.resume=latest but {output_dir} holds no complete checkpoint (checkpoint-<step>/{COMPLETE})"
+                f"train.resume=latest but {output_dir} holds no complete checkpoint (checkpoint-<step>/{COMPLETE}) that "
+                f"passes its checksums"
             )
         return path
     if not os.path.isdir(resume):
         raise CheckpointError(f"train.resume: checkpoint folder not found: {resume}")
     if not is_complete(resume):
         raise CheckpointError(f"train.resume: {resume} is incomplete (no {COMPLETE} marker); it cannot be resumed")
+    verify(resume)
+    read_trainer_state(resume)
     return resume
 
 
-def prune(output_dir: str, keep_last: int) -> list[str]:
-    """Delete complete checkpoints older than the newest ``keep_last`` and stale ``*.tmp`` folders.
+def _invalidate_and_remove(path: str) -> None:
+    """Delete ``COMPLETE`` first (durably), then rename the folder to ``*.deleting`` and delete it: a kill at
+    any point leaves no marked half-checkpoint, and the next prune finishes the job."""
+    marker = os.path.join(path, COMPLETE)
+    if os.path.exists(marker):
+        os.remove(marker)
+        fsync_dir(path)
+        _fault_point(None, f"pruning {path}", "prune")
+    doomed = f"{path}.deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    fsync_dir(os.path.dirname(path) or ".")
+    shutil.rmtree(doomed, ignore_errors=True)
 
-    Call only after a successful save, on the main process, with no save in progress. Never removes
-    the newest complete checkpoint (``keep_last`` is clamped to >= 1).
+
+def prune(output_dir: str, keep_last: int, run_id: Optional[str] = None) -> list[str]:
+    """Delete complete checkpoints of lineage ``run_id`` older than its newest ``keep_last``, markerless
+    leftovers of that lineage (an interrupted prune) and stale ``*.tmp`` / ``*.deleting`` folders.
+
+    ``run_id`` None: every lineage counts as one (legacy). Call only after a successful save, on the
+    main process, with no save in progress. Never removes the newest complete checkpoint of the
+    lineage (``keep_last`` is clamped to >= 1), nor any checkpoint of another lineage.
     """
     keep_last = max(1, int(keep_last))
     removed = []
-    complete = list_checkpoints(output_dir, complete_only=True)
+    complete = list_checkpoints(output_dir, complete_only=True, run_id=run_id)
     for _, path in complete[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        _invalidate_and_remove(path)
         removed.append(path)
+    if run_id is not None:
+        for _, path in list_checkpoints(output_dir, complete_only=False, run_id=run_id):
+            if not is_complete(path):
+                _invalidate_and_remove(path)
+                removed.append(path)
     for entry in os.listdir(output_dir):
-        if entry.startswith("checkpoint-") and entry.endswith(".tmp"):
+        if entry.startswith("checkpoint-") and entry.endswith((".tmp", ".deleting")):
             shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
             removed.append(os.path.join(output_dir, entry))
     return removed
+
+
+# ----------------------------------------------------------------------------------------- manifest
+def manifest_of(folder: str) -> dict[str, dict]:
+    """``{file: {"size", "sha256"}}`` of every file in ``folder`` except the marker."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name != COMPLETE and os.path.isfile(path):
+            out[name] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+    return out
+
+
+def verify(path: str) -> None:
+    """Check every file of checkpoint ``path`` against the manifest in its ``COMPLETE`` marker.
+
+    Raises :class:`CheckpointError` naming the first bad file. A marker from before manifests
+    (plain text) is accepted unverified.
+    """
+    marker = os.path.join(path, COMPLETE)
+    try:
+        st = os.stat(marker)
+        with open(marker) as f:
+            text = f.read()
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path}: cannot read {COMPLETE}: {err}") from None
+    key = (os.path.abspath(path), st.st_ino, st.st_mtime_ns)
+    if key in _VERIFIED:  # this process already read every file of this very checkpoint
+        return
+    try:
+        manifest = json.loads(text)
+    except ValueError:
+        return  # a legacy marker without checksums
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"checkpoint {path}: {COMPLETE} holds no file list")
+    for name, want in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"checkpoint {path}: file {name} is missing")
+        if os.path.getsize(file) != want.get("size") or file_sha256(file) != want.get("sha256"):
+            raise CheckpointError(f"checkpoint {path}: file {name} does not match its checksum (corrupt)")
+    _VERIFIED.add(key)
+
+
+_VERIFIED: set[tuple] = set()  # (path, marker inode, marker mtime) verified by this process
 
 
 # -------------------------------------------------------------------------------------- config hash
@@ -235,17 +373,20 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ fault hooks
-def _fault_point(step: int, where: str) -> None:
-    """Test hook: ``CAUSVID_FAULT_SAVE=<step|*>:<raise|exit>`` fails the save mid-write."""
+def _fault_point(step: Optional[int], where: str, point: str = "write") -> None:
+    """Test hook: ``CAUSVID_FAULT_SAVE=<step|*>:<raise|exit>[:<write|marker|prune>]`` fails the save at
+    that point (``write``, the default: after the first model file; ``marker``: every file written, before
+    ``COMPLETE``; ``prune``: after an old checkpoint's marker was deleted, before its files)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    at, _, mode = spec.partition(":")
-    if at not in ("*", str(step)):
+    at, mode, want = (spec.split(":") + ["write"])[:3]
+    if (step is not None and at not in ("*", str(step))) or want != point:
         return
     if mode == "exit":
         os._exit(17)
-    raise RuntimeError(f"injected checkpoint fault at step {step} ({where}; {FAULT_ENV}={spec})")
+    raise RuntimeError(f"injected checkpoint fault at step {step if step is not None else at} ({where}; "
+                       f"{FAULT_ENV}={spec})")
 
 
 # ------------------------------------------------------------------------------------- save / load
@@ -297,13 +438,15 @@ def save_checkpoint(
     parallel.barrier(accelerator)  # every rank has written its part
 
     if main:
-        atomic_write_text(os.path.join(tmp, COMPLETE), f"step {step} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        marker = {"step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": manifest_of(tmp)}
+        _fault_point(step, "before COMPLETE", "marker")
+        atomic_write_json(os.path.join(tmp, COMPLETE), marker)
         fsync_dir(tmp)
         if os.path.exists(final):  # a leftover without the marker, or an older run's (train.resume=never)
-            shutil.rmtree(final)
+            _invalidate_and_remove(final)
         os.replace(tmp, final)
         fsync_dir(output_dir)
-        for path in prune(output_dir, keep_last):
+        for path in prune(output_dir, keep_last, run_id=trainer_state.get("run_id")):
             log.info("pruned %s", path)
     parallel.barrier(accelerator)
     return final
@@ -313,8 +456,14 @@ def read_trainer_state(path: str) -> dict:
     state_path = os.path.join(path, "trainer_state.json")
     if not os.path.isfile(state_path):
         raise CheckpointError(f"checkpoint {path} has no trainer_state.json")
-    with open(state_path) as f:
-        return json.load(f)
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: trainer_state.json is not valid JSON ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"checkpoint {path}: trainer_state.json holds no integer 'step'")
+    return state
 
 
 def load_models(path: str, modules: Mapping[str, torch.nn.Module]) -> None:
@@ -338,6 +487,7 @@ def load_checkpoint(
     """
     if not is_complete(path):
         raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker)")
+    verify(path)  # a no-op when resolve_resume verified it in this process
     state = read_trainer_state(path)
     for name, opt in optimizers.items():
         parallel.load_optimizer_state(accelerator, models[name], opt, torch_load(os.path.join(path, f"optimizer_{name}.pt")))

@@ -216,3 +216,12 @@ def all_reduce_max(accelerator, t: torch.Tensor) -> torch.Tensor:
 def barrier(accelerator) -> None:
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
+
+
+def broadcast_object(accelerator, obj):
+    """The main process's ``obj`` on every process (identity with one process)."""
+    if accelerator.num_processes > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj

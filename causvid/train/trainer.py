@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -42,12 +43,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from causvid.config import ConfigError, load_config, validate
+from causvid.validate import check_run
 
 from . import checkpoint as ckpt
 from . import parallel
 from .data import ResumableLoader, ResumableSampler, mix_seed
 from .ema import EMA
 from .lr import lr_multiplier
+from .preemption import StopRequest
+from .run_lock import RunLock, RunLockError
 from .stage import Stage, build_stage
 
 __all__ = ["Trainer", "run", "main", "NonFiniteError", "LossLog", "check_train_config", "step_rng"]
@@ -61,8 +65,10 @@ class NonFiniteError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------ config
 def check_train_config(cfg: DictConfig) -> None:
-    """Trainer-level checks on top of :func:`causvid.config.validate`; raise ConfigError naming the key."""
+    """Trainer-level checks on top of :func:`causvid.config.validate` and the pre-flight
+    :func:`causvid.validate.check_run` (paths, sizes, ranges); raise ConfigError naming the key."""
     validate(cfg)
+    check_run(cfg)
     t = cfg.train
     rules = [
         (t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only the final checkpoint)"),
@@ -185,30 +191,26 @@ class Trainer:
         self.cfg, self.stage = cfg, stage
         self.output_dir = str(cfg.train.output_dir)
         self.resume_path = ckpt.resolve_resume(self.output_dir, str(cfg.train.resume))
-        self._stop_signal = 0
+        self.stop = StopRequest()
+        self.lock = RunLock(self.output_dir)
+        self.run_id: Optional[str] = None
         self.accelerator = None
         self.world_size = 1
 
-    # ---------------------------------------------------------------------------------- signals
+    @property
+    def _stop_signal(self) -> int:
+        return self.stop.signal
+
     def request_stop(self, signum: int = signal.SIGTERM, frame=None) -> None:
         """Signal handler: only records the request; the loop acts on it at the next step boundary."""
-        if self._stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        self._stop_signal = int(signum)
+        self.stop.handle(signum, frame)
 
-    @contextlib.contextmanager
-    def _signals(self):
-        old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                old[sig] = signal.signal(sig, self.request_stop)
-            except ValueError:  # not the main thread
-                pass
-        try:
-            yield
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+    def acquire_lock(self) -> None:
+        """Lock ``train.output_dir`` for this run (global rank 0 only, before anything is built) and decide
+        the resume checkpoint again under the lock. Raises :class:`RunLockError` naming the holder."""
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.lock.acquire()
+        self.resume_path = ckpt.resolve_resume(self.output_dir, str(self.cfg.train.resume))
 
     def _stop_agreed(self) -> bool:
         flag = torch.tensor([float(self._stop_signal)], device=self.accelerator.device)
@@ -249,6 +251,7 @@ class Trainer:
             log_with=trackers, project_dir=self.output_dir,
         )
         self.accelerator, self.world_size, self.rank = acc, acc.num_processes, acc.process_index
+        self.resume_path = parallel.broadcast_object(acc, self.resume_path)  # rank 0's decision, made under the lock
         self.main = acc.is_main_process
         if trackers:
             acc.init_trackers(str(cfg.train.project), config=_flat_config(cfg))
@@ -311,11 +314,15 @@ class Trainer:
                 log.info("resuming from %s at step %d", self.resume_path, self.start_step)
         elif self.main:
             log.info("starting fresh in %s (train.resume=%s)", self.output_dir, self.cfg.train.resume)
+        self.run_id = parallel.broadcast_object(acc, self.run_id or uuid.uuid4().hex)  # the lineage of this run
+        if self.main:
+            ckpt.set_current_run_id(self.output_dir, self.run_id)
 
     def _restore(self, path: str) -> None:
         state = ckpt.load_checkpoint(self.accelerator, path, models=self.wrapped, optimizers=self.optimizers,
                                      emas=self.emas)
         self.start_step = int(state["step"])
+        self.run_id = state.get("run_id")
         if self.loader is not None and state.get("data") is not None:
             self.loader.load_state_dict(state["data"])
         for key, target in (("updates", self.update_counts), ("nonfinite_total", self.nonfinite_total),
@@ -342,11 +349,20 @@ class Trainer:
             "nonfinite_total": dict(self.nonfinite_total),
             "nonfinite_consecutive": dict(self.nonfinite_consecutive),
             "config_hash": ckpt.config_hash(self.cfg),
+            "run_id": self.run_id,
+            "weights_finite": self._weights_finite(),
             "stage": self.stage.name,
             "world_size": self.world_size,
             "version": {"causvid": causvid.__version__, "torch": torch.__version__, "accelerate": accelerate.__version__},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+
+    def _weights_finite(self) -> bool:
+        """Every trainable weight finite on every rank (a collective: local shards under FSDP)."""
+        bad = any(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                  for m in self.modules.values() for p in m.parameters())
+        flag = torch.tensor([float(bad)], device=self.accelerator.device)
+        return not bool(parallel.all_reduce_max(self.accelerator, flag).item() > 0)
 
     def save(self, step: int) -> str:
         """Checkpoint after ``step`` completed steps (every rank calls this)."""
@@ -409,7 +425,7 @@ class Trainer:
                             self.nonfinite_total[name])
             limit = int(cfg.train.max_consecutive_nonfinite)
             if self.nonfinite_consecutive[name] >= limit:
-                good = ckpt.latest_complete(self.output_dir)
+                good = ckpt.latest_intact(self.output_dir, finite_only=True)
                 raise NonFiniteError(
                     f"{limit} consecutive non-finite updates of '{name}' (train.max_consecutive_nonfinite={limit}) "
                     f"at step {step}; stopping. Last good checkpoint: {good or 'none'}. Lower the learning rate "
@@ -473,6 +489,13 @@ class Trainer:
     # -------------------------------------------------------------------------------------- loop
     def train(self) -> dict:
         """Run to ``train.max_steps`` (or until SIGTERM/SIGINT). Returns a summary dict."""
+        self.acquire_lock()
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> dict:
         self._build()
         cfg, acc = self.cfg, self.accelerator
         max_steps = int(cfg.train.max_steps)
@@ -481,7 +504,7 @@ class Trainer:
         stopped, step = False, self.start_step
         progress = _progress(self.main, self.start_step, max_steps)
         try:
-            with self._signals():
+            with self.stop.installed():
                 for step in range(self.start_step, max_steps):
                     if self._stop_agreed():
                         stopped = True
@@ -610,6 +633,11 @@ def main(argv: Optional[Sequence[str]] = None, *, allowed_stages: Optional[Seque
         print(f"output_dir: {trainer.output_dir}")
         print(f"resume: {trainer.resume_path or 'fresh start'} (train.resume={cfg.train.resume})")
         return 0
+    try:
+        trainer.acquire_lock()
+    except (RunLockError, ckpt.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     summary = trainer.train()
     if trainer.main:
         print(json.dumps(summary, default=str))

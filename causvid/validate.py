@@ -1,0 +1,106 @@
+"""The pre-flight check: paths, sizes and ranges of a run, before any model or accelerator is built.
+
+:func:`causvid.config.validate` checks the config's own consistency (choices, step lists, chunking);
+this module checks it against the world and against what the networks need, for every entry point:
+
+* :func:`check_run` — the trainer (``Trainer.__init__``, hence also ``--dry-run``) and every script
+  that reads weights or data named by the config;
+* :func:`check_count` — a command-line size (``--num-videos``, ``--shard-size``, ``--batch-size``).
+
+(The sampler checks its own arguments — seed, prompts, schedule, steps — in ``causvid.sampler.streaming``.)
+
+Each raises :class:`causvid.config.ConfigError` with one line naming the key or argument; the scripts
+print it and exit 2. ``docs/reliability.md`` lists the bad inputs the tests cover.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable, Optional
+
+from omegaconf import OmegaConf
+
+from causvid.config import ConfigError
+
+__all__ = ["PATH_KEYS", "check_run", "check_paths", "check_output_dir", "check_sizes", "check_count"]
+
+# Config keys that name a file or folder that must exist when set.
+PATH_KEYS = ("train.init_from", "train.teacher_path", "vae.path", "text.path", "text.tokenizer_path",
+             "data.path", "ode_pairs.prompts")
+
+
+def check_paths(cfg, keys: Iterable[str] = PATH_KEYS) -> None:
+    """Every key of ``keys`` that is set names an existing file or folder."""
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value and not os.path.exists(str(value)):
+            raise ConfigError(f"config key '{key}' = {str(value)!r}: no such file or folder")
+
+
+def check_output_dir(path: str, key: str = "train.output_dir") -> None:
+    """``path`` is a folder or can become one (no file in its place or on the way to it)."""
+    if not str(path):
+        raise ConfigError(f"config key '{key}' must be a folder path")
+    p = os.path.abspath(str(path))
+    while True:
+        if os.path.exists(p):
+            if not os.path.isdir(p):
+                raise ConfigError(f"config key '{key}' = {str(path)!r}: {p} exists and is not a folder")
+            return
+        parent = os.path.dirname(p)
+        if parent == p:
+            return
+        p = parent
+
+
+def check_sizes(cfg) -> None:
+    """Video size against the VAE and the DiT patch; data and toy-world counts; rates and budgets."""
+    from causvid.models.registry import dit_config
+    from causvid.models.vae import vae_arch
+
+    d = cfg.data
+    for key in ("data.height", "data.width"):
+        if int(OmegaConf.select(cfg, key)) < 1:
+            raise ConfigError(f"invalid value for config key '{key}': {OmegaConf.select(cfg, key)}; must be >= 1")
+    s = vae_arch(cfg.vae.size).spatial_factor * dit_config(cfg.model.size).patch_size[1]
+    for key in ("data.height", "data.width"):
+        if int(OmegaConf.select(cfg, key)) % s:
+            raise ConfigError(f"invalid value for config key '{key}': {OmegaConf.select(cfg, key)}; must be a "
+                              f"multiple of {s} (VAE {cfg.vae.size!r} x DiT patch of model.size={cfg.model.size!r})")
+    rules = [
+        (d.fps > 0 and math.isfinite(d.fps), "data.fps", "> 0"),
+        (d.toyworld.num_videos >= 1, "data.toyworld.num_videos", ">= 1"),
+        (d.toyworld.max_objects >= 1, "data.toyworld.max_objects", ">= 1"),
+        (0.0 <= d.toyworld.textured_background_prob <= 1.0, "data.toyworld.textured_background_prob", "in [0, 1]"),
+        (0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]"),
+        (d.decode_timeout_s > 0, "data.decode_timeout_s", "> 0"),
+        (cfg.sampler.num_frames >= 1 and (cfg.sampler.num_frames - 1) % 4 == 0, "sampler.num_frames", "1 + 4n"),
+        (cfg.ode_pairs.num_steps >= 1, "ode_pairs.num_steps", ">= 1"),
+        (cfg.ode_pairs.num_prompts >= 1, "ode_pairs.num_prompts", ">= 1"),
+        (cfg.ode_pairs.seeds_per_prompt >= 1, "ode_pairs.seeds_per_prompt", ">= 1"),
+        (cfg.ode_pairs.shard_size >= 1, "ode_pairs.shard_size", ">= 1"),
+        (cfg.ode_pairs.shift > 0, "ode_pairs.shift", "> 0"),
+    ]
+    for ok, key, what in rules:
+        if not ok:
+            raise ConfigError(f"invalid value for config key '{key}': {OmegaConf.select(cfg, key)!r}; must be {what}")
+
+
+def check_run(cfg, *, paths: Iterable[str] = PATH_KEYS, output_key: Optional[str] = "train.output_dir") -> None:
+    """Everything about ``cfg`` that can be checked without building anything (``paths``: the path keys
+    this entry point reads)."""
+    check_sizes(cfg)
+    check_paths(cfg, paths)
+    if output_key:
+        check_output_dir(str(OmegaConf.select(cfg, output_key)), output_key)
+
+
+def check_count(name: str, value: Optional[int], *, minimum: int = 1, available: Optional[int] = None) -> None:
+    """A command-line count: ``>= minimum`` and, if ``available`` is given, at most that many."""
+    if value is None:
+        return
+    if value < minimum:
+        raise ConfigError(f"invalid value for {name}: {value}; must be >= {minimum}")
+    if available is not None and value > available:
+        raise ConfigError(f"invalid value for {name}: {value}; only {available} available")
