@@ -218,6 +218,12 @@ def test_update_ratio_and_counts(tmp_path):
     assert os.listdir(tmp_path / "samples" / "step-0000004") == ["00_generator_weights.gif"]
     gen_steps = [s for s, name, _ in stage.seen if name == "generator"]
     assert gen_steps == [0, 0, 3, 3, 6, 6]  # two micro-batches per update
+    # the updates of one step share its micro-batches (official CausVid, docs/method.md); steps do not
+    ids = {(s, name): [] for s, name, _ in stage.seen}
+    for s, name, i in stage.seen:
+        ids[(s, name)].append(i)
+    assert all(ids[(s, "generator")] == ids[(s, "critic")] for s in (0, 3, 6))
+    assert ids[(0, "critic")] != ids[(1, "critic")]
     assert ckpt.read_trainer_state(str(tmp_path / "checkpoint-8"))["updates"] == {"generator": 3, "critic": 8}
     # the Adam step counters agree with the number of updates
     opt = ckpt.torch_load(str(tmp_path / "checkpoint-8" / "optimizer_generator.pt"))

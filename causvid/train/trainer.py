@@ -4,10 +4,11 @@ One loop for every stage (teacher | causal_teacher | ode | dmd)::
 
     for step in range(start, max_steps):
         (stop agreed by all ranks?  -> checkpoint, exit 0)
+        batches = grad_accum batches from the loader            # one set per step, shared by its updates
         for u, name in enumerate(stage.updates(step)):        # e.g. ["generator", "critic"]
             zero grads of `name`
             for m in range(grad_accum):                        # no_sync on all but the last micro-batch
-                loss, logs = stage.loss(name, batch, models, step, rng(seed, rank, step, u, m))
+                loss, logs = stage.loss(name, batches[m], models, step, rng(seed, rank, step, u, m))
                 backward(loss / grad_accum)
             grad norm (clipped to optim.grad_clip); loss and grad norm finite on every rank?
               yes: optimizer step; EMA update if `name` is the EMA target
@@ -365,8 +366,15 @@ class Trainer:
         return self.base_lr[name] * lr_multiplier(step, int(self.cfg.train.max_steps), int(o.warmup_steps),
                                                   int(o.decay_steps), float(o.min_lr_ratio))
 
-    def _update(self, name: str, step: int, u: int, record: dict) -> None:
-        """One optimizer update of ``name`` (``grad_accum`` micro-batches), guarded against NaN/Inf."""
+    def _next_batches(self) -> list:
+        """The step's ``grad_accum`` micro-batches. Every update of a step sees the same ones (the generator
+        and critic updates of a DMD iteration share a batch, as the official CausVid trainer, docs/method.md)."""
+        if self.loader is None:
+            return [{}] * int(self.cfg.train.grad_accum)
+        return [_to_device(self.loader.next(), self.accelerator.device) for _ in range(int(self.cfg.train.grad_accum))]
+
+    def _update(self, name: str, step: int, u: int, record: dict, batches: list) -> None:
+        """One optimizer update of ``name`` on the step's micro-batches, guarded against NaN/Inf."""
         cfg, acc = self.cfg, self.accelerator
         wrapped, opt = self.wrapped[name], self.optimizers[name]
         accum = int(cfg.train.grad_accum)
@@ -377,7 +385,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         logs_sum: dict[str, float] = {}
         for m in range(accum):
-            batch = _to_device(self.loader.next(), acc.device) if self.loader is not None else {}
+            batch = batches[m]
             rng = step_rng(int(cfg.train.seed), self.rank, step, u, m, acc.device)
             sync = contextlib.nullcontext() if m == accum - 1 else parallel.no_sync(acc, wrapped)
             with sync:
@@ -493,8 +501,9 @@ class Trainer:
                     if unknown:
                         raise ValueError(f"stage '{self.stage.name}'.updates({step}) names {unknown}, not trainable "
                                          f"({sorted(self.wrapped)})")
+                    batches = self._next_batches()
                     for u, name in enumerate(names):
-                        self._update(name, step, u, record)
+                        self._update(name, step, u, record, batches)
                     record["step_time"] = time.perf_counter() - t0
                     losses.append(record)
                     if (step + 1) % int(cfg.train.log_every) == 0 and self.trackers:
