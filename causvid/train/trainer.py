@@ -8,7 +8,7 @@ One loop for every stage (teacher | causal_teacher | ode | dmd)::
         for u, name in enumerate(stage.updates(step)):        # e.g. ["generator", "critic"]
             zero grads of `name`
             for m in range(grad_accum):                        # no_sync on all but the last micro-batch
-                loss, logs = stage.loss(name, batches[m], models, step, rng(seed, rank, step, u, m))
+                loss, logs = stage.loss(name, batches[m], models, step, rng(seed, m * world + rank, step, u))
                 backward(loss / grad_accum)
             grad norm (clipped to optim.grad_clip); loss and grad norm finite on every rank?
               yes: optimizer step; EMA update if `name` is the EMA target
@@ -91,11 +91,16 @@ def check_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for config key '{key}': {OmegaConf.select(cfg, key)!r}; must be {what}")
 
 
-def step_rng(seed: int, rank: int, step: int, update: int, micro: int, device: torch.device) -> torch.Generator:
-    """The generator handed to ``Stage.loss``: a pure function of (seed, rank, step, update, micro-batch)."""
+def step_rng(seed: int, slot: int, step: int, update: int, device: torch.device) -> torch.Generator:
+    """The generator handed to ``Stage.loss``: a pure function of (seed, step, update, slot).
+
+    ``slot = micro * world_size + rank`` is the micro-batch's index in the step's global batch, the same index
+    the data order gives it (causvid/train/data.py): N processes x A micro-batches draw the same numbers and
+    the same samples as 1 process x N*A micro-batches, so runs agree across process counts (tests/test_sharding.py).
+    """
     dev = torch.device(device)
     g = torch.Generator(device="cpu" if dev.type == "cpu" else dev)
-    return g.manual_seed(mix_seed("step", seed, rank, step, update, micro))
+    return g.manual_seed(mix_seed("step", seed, slot, step, update))
 
 
 def _seed_all(seed: int) -> None:
@@ -386,7 +391,7 @@ class Trainer:
         logs_sum: dict[str, float] = {}
         for m in range(accum):
             batch = batches[m]
-            rng = step_rng(int(cfg.train.seed), self.rank, step, u, m, acc.device)
+            rng = step_rng(int(cfg.train.seed), m * self.world_size + self.rank, step, u, acc.device)
             sync = contextlib.nullcontext() if m == accum - 1 else parallel.no_sync(acc, wrapped)
             with sync:
                 with acc.autocast():
@@ -533,6 +538,7 @@ class Trainer:
             acc.end_training()
         return {
             "step": step, "stopped": stopped, "world_size": self.world_size,
+            "distributed": "FSDP2" if parallel.is_fsdp(acc) else "DDP" if self.world_size > 1 else "none",
             "checkpoint": ckpt.checkpoint_dir(self.output_dir, step), "final": final,
             "updates": dict(self.update_counts), "nonfinite": dict(self.nonfinite_total),
         }
