@@ -231,10 +231,22 @@ def load_optimizer_state(accelerator, wrapped: nn.Module, optimizer, state: dict
     if is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(wrapped, _inner_optimizer(optimizer), state,
+        inner = _inner_optimizer(optimizer)
+        set_optimizer_state_dict(wrapped, inner, _keyed_by_name(state, wrapped, inner),
                                  options=StateDictOptions(full_state_dict=True))
         return
     optimizer.load_state_dict(state)
+
+
+def _keyed_by_name(state: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state written without FSDP (``Optimizer.state_dict()``: parameters numbered in the order of
+    the param groups) in the parameter-name keys FSDP's ``set_optimizer_state_dict`` reads; other states unchanged."""
+    if not all(isinstance(i, int) for g in state.get("param_groups", []) for i in g["params"]):
+        return state
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]  # number i -> name
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 def clip_grad_norm(accelerator, wrapped: nn.Module, max_norm: float) -> torch.Tensor:
