@@ -333,7 +333,7 @@ ACCELERATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 @pytest.mark.parametrize("name,dist,nproc", [("1gpu", "NO", 1), ("8gpu_fsdp", "FSDP", 8), ("2nodes", "FSDP", 16),
-                                             ("cpu_2proc", "MULTI_GPU", 2)])
+                                             ("cpu_2proc", "MULTI_GPU", 2), ("cpu_2proc_fsdp", "FSDP", 2)])
 def test_accelerate_configs_parse_and_wrap_the_dit_blocks(name, dist, nproc):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -345,7 +345,7 @@ def test_accelerate_configs_parse_and_wrap_the_dit_blocks(name, dist, nproc):
     assert c.distributed_type.value == dist and c.num_processes == nproc
     if dist == "FSDP":
         f = c.fsdp_config
-        assert f["fsdp_version"] == 2 and c.mixed_precision == "bf16"
+        assert f["fsdp_version"] == 2 and c.mixed_precision == ("no" if name.startswith("cpu") else "bf16")
         plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy=f["fsdp_auto_wrap_policy"].lower(),
             transformer_cls_names_to_wrap=[f["fsdp_transformer_layer_cls_to_wrap"]])
@@ -394,3 +394,12 @@ def test_lr_multiplier_hand_computed():
     assert lr_multiplier(6, 10, 2, 100, 0.2) == pytest.approx(0.2 + 0.8 * 0.5)
     # warm-up-stable-decay: the plateau does not depend on the run length, so a longer resumed run agrees before it
     assert all(lr_multiplier(s, 100, 5, 20) == lr_multiplier(s, 200, 5, 20) for s in range(80))
+
+
+def test_check_sharded_names_what_fsdp2_left_whole():
+    from causvid.models.dit import WanDiT
+    from causvid.models.registry import dit_config
+    from causvid.train.parallel import check_sharded
+
+    with pytest.raises(RuntimeError, match=r"WanDiT \['root', 'blocks.0', 'blocks.1'\] not sharded"):
+        check_sharded(WanDiT(dit_config("tiny")))
