@@ -58,6 +58,26 @@ def _tiny_model():
     return cfg, B.build_dit(cfg, torch.device("cpu"), torch.float32, attention="sdpa", seed=0)
 
 
+def test_count_flops_hand_computed_on_every_torch_version():
+    # softmax(q k^T) v costs 2 * rows * Lq * Lk * (Dqk + Dv) FLOP, whichever CPU kernel runs it (torch 2.14's
+    # flop_counter sees nothing of the fused kernel and the math fallback's bmm; 2.15 sees the kernel):
+    # self-attention q = k = v [2, 3, 5, 8]: 2 * 6 * 5 * 5 * 16 = 4800;
+    # masked attention q [2, 3, 5, 8], k [2, 3, 7, 8], v [2, 3, 7, 4]: 2 * 6 * 5 * 7 * 12 = 5040;
+    # a [5, 8] @ [8, 7] matmul: 2 * 5 * 8 * 7 = 560
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, d, generator=g) for n, d in ((5, 8), (7, 8), (7, 4)))
+    a, b = torch.randn(5, 8, generator=g), torch.randn(8, 7, generator=g)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fn():
+        return sdpa(q, q, q), sdpa(q, k, v, attn_mask=torch.zeros(5, 7)), a @ b
+
+    counted, (self_out, out, _) = B.count_flops(fn)
+    assert counted == 4800 + 5040 + 560
+    assert self_out.shape == (2, 3, 5, 8) and out.shape == (2, 3, 5, 4)
+    assert B.count_flops(lambda: a @ b)[0] == 560
+
+
 def test_flop_model_equals_flop_counter_on_tiny_dit():
     torch.manual_seed(0)
     cfg, model = _tiny_model()

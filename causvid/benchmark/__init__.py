@@ -34,6 +34,7 @@ from causvid.benchmark.flops import (
     kv_cache_bytes,
     linear_flops_per_token,
     recompute_sampling_flops,
+    sdpa_flops,
     student_sampling_flops,
     teacher_sampling_flops,
 )
@@ -47,7 +48,7 @@ __all__ = [
     "BenchOptions", "Clock", "DMDBench", "Flops", "Geometry", "MemoryMeter", "Recorder", "SECTIONS", "SIZE_DEFAULTS",
     "STEP_LISTS", "Stats", "Workload", "block_causal_pairs", "build_arg_parser", "build_dit", "build_vae", "count_flops",
     "cross_kv_flops", "dit_forward_flops", "dmd_step_flops", "kv_cache_bytes", "linear_flops_per_token", "main",
-    "measure_matmul_peak", "merge_results", "recompute_sampling_flops", "render_markdown", "run_benchmark",
+    "measure_matmul_peak", "merge_results", "recompute_sampling_flops", "render_markdown", "run_benchmark", "sdpa_flops",
     "student_sampling_flops", "targets", "teacher_sampling_flops", "time_runs", "step_list", "write_plots",
     "write_reports",
 ]

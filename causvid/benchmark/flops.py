@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from causvid.models.attention import ChunkLayout
 from causvid.models.registry import DiTConfig
@@ -142,10 +145,46 @@ def kv_cache_bytes(cfg: DiTConfig, tokens: int, dtype: torch.dtype, batch: int =
     return 2 * cfg.num_layers * batch * tokens * cfg.dim * torch.finfo(dtype).bits // 8
 
 
-def count_flops(fn: Callable[[], Any]) -> tuple[float, Any]:
-    """FLOPs that ``torch.utils.flop_counter`` sees in ``fn()`` (matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def sdpa_flops(q_shape: torch.Size, k_shape: torch.Size, v_shape: torch.Size) -> float:
+    """Forward FLOPs of ``softmax(q k^T) v`` for every (query, key) pair, mask or not (what a dense masked
+    kernel computes): ``2 Lq Lk Dqk + 2 Lq Lk Dv`` per batch-and-head row of ``q``."""
+    rows = math.prod(q_shape[:-2])
+    lq, lk = q_shape[-2], k_shape[-2]
+    return 2.0 * rows * lq * lk * (q_shape[-1] + v_shape[-1])
 
-    with FlopCounterMode(display=False) as fc:
+
+class _AttentionCounter(TorchFunctionMode):
+    """Counts every ``F.scaled_dot_product_attention`` call from its shapes and records what ``counter`` saw
+    inside the call, so that the caller can replace the one by the other."""
+
+    def __init__(self, counter: FlopCounterMode):
+        super().__init__()
+        self.counter, self.model, self.seen = counter, 0.0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        before = self.counter.get_total_flops()
+        out = func(*args, **kwargs)
+        self.seen += self.counter.get_total_flops() - before
+        q, k, v = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("query", "key", "value")))
+        self.model += sdpa_flops(q.shape, k.shape, v.shape)
+        return out
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Forward FLOPs of the matmuls, convolutions and attention executed in ``fn()``, equal on every torch version.
+
+    Matmuls and convolutions are counted by ``torch.utils.flop_counter``. What it sees of attention differs by
+    release and kernel (2.15 counts the CPU ``scaled_dot_product_attention`` kernel; 2.14 counts nothing of the
+    fused kernel and the ``bmm`` of the math fallback), so every ``F.scaled_dot_product_attention`` call is
+    counted from its shapes (:func:`sdpa_flops`, the counter's own convention) and whatever the counter saw
+    inside the call is taken out of its total. Only forward attention is counted: do not call ``backward``
+    inside ``fn``.
+    """
+    counter = FlopCounterMode(display=False)
+    attention = _AttentionCounter(counter)
+    with counter, attention:
         out = fn()
-    return float(fc.get_total_flops()), out
+    return float(counter.get_total_flops() - attention.seen) + attention.model, out

@@ -255,6 +255,11 @@ def dit_config_from_folder(folder: str):
             c = json.load(f)
     except ValueError as err:
         raise WeightsError(f"corrupt config.json in {folder}: {err}") from None
+    if isinstance(c.get("_causvid"), dict) and "dit" in c["_causvid"]:  # written by causvid.export: every field
+        try:
+            return DiTConfig.from_dict(c["_causvid"]["dit"])
+        except (TypeError, ValueError) as err:
+            raise WeightsError(f"bad _causvid.dit in {path}: {err}") from None
     if "num_attention_heads" in c:  # diffusers WanTransformer3DModel
         heads, hd = c["num_attention_heads"], c["attention_head_dim"]
         return DiTConfig(dim=heads * hd, ffn_dim=c["ffn_dim"], num_heads=heads, num_layers=c["num_layers"],
