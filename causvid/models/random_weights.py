@@ -52,22 +52,10 @@ _CORPUS = (
 )
 
 
-def original_dit_config(cfg: DiTConfig) -> dict:
-    """``config.json`` of an original ``WanModel`` folder (the official file's fields)."""
-    return {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": cfg.dim, "eps": cfg.eps,
-            "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_dim, "model_type": "t2v",
-            "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_dim": cfg.out_dim,
-            "text_len": cfg.text_len}
-
-
-def diffusers_dit_config(cfg: DiTConfig) -> dict:
-    """``transformer/config.json`` of a diffusers ``WanTransformer3DModel``."""
-    return {"_class_name": "WanTransformer3DModel", "added_kv_proj_dim": None,
-            "attention_head_dim": cfg.head_dim, "cross_attn_norm": cfg.cross_attn_norm, "eps": cfg.eps,
-            "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "image_dim": None, "in_channels": cfg.in_dim,
-            "num_attention_heads": cfg.num_heads, "num_layers": cfg.num_layers, "out_channels": cfg.out_dim,
-            "patch_size": list(cfg.patch_size), "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 1024,
-            "text_dim": cfg.text_dim}
+def _official(config: dict) -> dict:
+    """A config of causvid.export without its ``_causvid`` entry: what the official files hold, so that the
+    loaders read the rehearsal folder as they read a download."""
+    return {k: v for k, v in config.items() if k != "_causvid"}
 
 
 def diffusers_vae_config(arch) -> dict:
@@ -126,11 +114,13 @@ def write_random_weights(out: str, arch: str = "wan2.1-1.3b", *, layers: int = 2
     os.makedirs(out, exist_ok=True)
     cfg = DIT_SIZES[arch].replace(num_layers=layers)
     dit_sd = random_dit(cfg, seed).state_dict()
+    from causvid.export import diffusers_config, wan_config
+
     if layout == "diffusers":
-        folder, dit_cfg = os.path.join(out, "transformer"), diffusers_dit_config(cfg)
+        folder, dit_cfg = os.path.join(out, "transformer"), _official(diffusers_config(cfg))
         dit_sd = {dit_to_diffusers_key(k): v for k, v in dit_sd.items()}
     else:
-        folder, dit_cfg = out, original_dit_config(cfg)
+        folder, dit_cfg = out, _official(wan_config(cfg))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, DIT_CONFIG), "w") as f:
         json.dump(dit_cfg, f, indent=2)
