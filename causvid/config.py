@@ -34,6 +34,7 @@ class ModelConfig:
     """The DiT used by every role (teacher, critic, causal student)."""
 
     size: str = "toy"  # registry name: tiny | toy | wan2.1-1.3b | wan2.1-14b
+    num_layers: Optional[int] = None  # the size's widths with this many blocks (rehearsals); None: the size's own
     chunk_size: int = 3  # k: latent frames per causal chunk
     independent_first_frame: bool = False  # frame 0 is its own chunk (image-to-video)
     gradient_checkpointing: bool = False  # per-block activation checkpointing
@@ -271,6 +272,8 @@ def validate(cfg: DictConfig) -> None:
 
     if cfg.model.size not in DIT_SIZES:
         raise ConfigError(f"invalid value for config key 'model.size': {cfg.model.size!r}; valid: {sorted(DIT_SIZES)}")
+    if cfg.model.num_layers is not None and cfg.model.num_layers < 1:
+        raise ConfigError(f"config key 'model.num_layers' must be >= 1 (or null), got {cfg.model.num_layers}")
     if cfg.model.chunk_size < 1:
         raise ConfigError("config key 'model.chunk_size' must be >= 1")
     d = cfg.data

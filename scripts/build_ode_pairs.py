@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         if os.path.isdir(out):
             from causvid.models.registry import dit_config
 
-            d = dit_config(cfg.model.size)
+            d = dit_config(cfg.model.size, cfg.model.num_layers)
             plan = OP.ode_plan(prompts, settings, d.text_len, d.text_dim)
             print(f"already done: {plan.num_shards - len(SH.missing_shards(out, plan))} of {plan.num_shards} shards")
         return 0
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the official generator (fp32 weights, TF32 matmuls)
         torch.backends.cudnn.allow_tf32 = True
-    d = dit_config(cfg.model.size)
+    d = dit_config(cfg.model.size, cfg.model.num_layers)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     teacher = load_network(cfg, "train.teacher_path", device=dev, dtype=dtype, trainable=False)
     enc = text_encoder_from_config(cfg.text, device=dev, dim=d.text_dim, text_len=d.text_len)

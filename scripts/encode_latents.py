@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     from causvid.models.registry import dit_config
     from causvid.train.stages import VideoCaptionDataset
 
-    d = dit_config(cfg.model.size)
+    d = dit_config(cfg.model.size, cfg.model.num_layers)
     settings = {**desc, "height": int(cfg.data.height), "width": int(cfg.data.width),
                 "num_frames": int(cfg.data.num_frames), "fps": float(cfg.data.fps), "vae_size": str(cfg.vae.size),
                 "vae_path": os.path.abspath(cfg.vae.path) if cfg.vae.path else None, "text_kind": str(cfg.text.kind),

@@ -218,6 +218,12 @@ def test_update_ratio_and_counts(tmp_path):
     assert os.listdir(tmp_path / "samples" / "step-0000004") == ["00_generator_weights.gif"]
     gen_steps = [s for s, name, _ in stage.seen if name == "generator"]
     assert gen_steps == [0, 0, 3, 3, 6, 6]  # two micro-batches per update
+    # the updates of one step share its micro-batches (official CausVid, docs/method.md); steps do not
+    ids = {(s, name): [] for s, name, _ in stage.seen}
+    for s, name, i in stage.seen:
+        ids[(s, name)].append(i)
+    assert all(ids[(s, "generator")] == ids[(s, "critic")] for s in (0, 3, 6))
+    assert ids[(0, "critic")] != ids[(1, "critic")]
     assert ckpt.read_trainer_state(str(tmp_path / "checkpoint-8"))["updates"] == {"generator": 3, "critic": 8}
     # the Adam step counters agree with the number of updates
     opt = ckpt.torch_load(str(tmp_path / "checkpoint-8" / "optimizer_generator.pt"))
@@ -330,7 +336,7 @@ ACCELERATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 
 @pytest.mark.parametrize("name,dist,nproc", [("1gpu", "NO", 1), ("8gpu_fsdp", "FSDP", 8), ("2nodes", "FSDP", 16),
-                                             ("cpu_2proc", "MULTI_GPU", 2)])
+                                             ("cpu_2proc", "MULTI_GPU", 2), ("cpu_2proc_fsdp", "FSDP", 2)])
 def test_accelerate_configs_parse_and_wrap_the_dit_blocks(name, dist, nproc):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -342,7 +348,7 @@ def test_accelerate_configs_parse_and_wrap_the_dit_blocks(name, dist, nproc):
     assert c.distributed_type.value == dist and c.num_processes == nproc
     if dist == "FSDP":
         f = c.fsdp_config
-        assert f["fsdp_version"] == 2 and c.mixed_precision == "bf16"
+        assert f["fsdp_version"] == 2 and c.mixed_precision == ("no" if name.startswith("cpu") else "bf16")
         plugin = FullyShardedDataParallelPlugin(
             fsdp_version=2, auto_wrap_policy=f["fsdp_auto_wrap_policy"].lower(),
             transformer_cls_names_to_wrap=[f["fsdp_transformer_layer_cls_to_wrap"]])
@@ -391,3 +397,12 @@ def test_lr_multiplier_hand_computed():
     assert lr_multiplier(6, 10, 2, 100, 0.2) == pytest.approx(0.2 + 0.8 * 0.5)
     # warm-up-stable-decay: the plateau does not depend on the run length, so a longer resumed run agrees before it
     assert all(lr_multiplier(s, 100, 5, 20) == lr_multiplier(s, 200, 5, 20) for s in range(80))
+
+
+def test_check_sharded_names_what_fsdp2_left_whole():
+    from causvid.models.dit import WanDiT
+    from causvid.models.registry import dit_config
+    from causvid.train.parallel import check_sharded
+
+    with pytest.raises(RuntimeError, match=r"WanDiT \['root', 'blocks.0', 'blocks.1'\] not sharded"):
+        check_sharded(WanDiT(dit_config("tiny")))

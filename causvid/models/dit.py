@@ -158,8 +158,13 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
         self.modulation = nn.Parameter(torch.randn(1, 6, D) / D ** 0.5)
 
-    def forward(self, x, e0, ctx_kv, rope, attn, layer: int, num_frames: int):
-        """x [B, L, D] fp32 residual stream; e0 [B, F, 6, D] fp32 per-frame modulation."""
+    def forward(self, x, e0, ctx, rope, attn, layer: int, num_frames: int, kv_sink: Optional[dict] = None):
+        """x [B, L, D] fp32 residual stream; e0 [B, F, 6, D] fp32 per-frame modulation; ctx: this layer's cached
+        cross-attention (k, v), or the embedded context [B, text_len, D] projected here, inside the block's own
+        forward (under FSDP2 a block's weights are gathered only there); ``kv_sink[layer]`` receives that (k, v)."""
+        ctx_kv = ctx if isinstance(ctx, tuple) else self.cross_attn.context_kv(ctx)
+        if kv_sink is not None:
+            kv_sink[layer] = (ctx_kv[0].detach(), ctx_kv[1].detach())
         m = (self.modulation.float()[:, None] + e0).unbind(2)  # 6 x [B, F, D]
         sh_msa, sc_msa, g_msa, sh_ffn, sc_ffn, g_ffn = (t[:, :, None] for t in m)  # [B, F, 1, D]
 
@@ -279,15 +284,16 @@ class WanDiT(nn.Module):
         e = e.unflatten(0, (B, Fp))
         e0 = e0.unflatten(0, (B, Fp)).unflatten(-1, (6, -1))
 
-        # text: cached per-layer K/V, or computed from the context
+        # text: cached per-layer K/V, or the embedded context [B, text_len, D] that each block projects itself
+        sink = None
         if cross_cache is not None and cross_cache.ready:
             ctx = [cross_cache.kv[i] for i in range(len(self.blocks))]
         else:
             if context is None:
                 raise ValueError("context is required unless a ready cross-attention cache is given")
-            ctx = self.cross_kv(context)
+            ctx = [self.embed_context(context)] * len(self.blocks)
             if cross_cache is not None:
-                cross_cache.kv = {i: (k.detach(), v.detach()) for i, (k, v) in enumerate(ctx)}
+                cross_cache.kv, sink = {}, {}
 
         frame_pos = torch.arange(start_frame, start_frame + Fp, device=x.device)
         rope = rope_cos_sin(self.cfg.head_dim, frame_pos, Hp, Wp, self.cfg.rope_theta)
@@ -295,9 +301,11 @@ class WanDiT(nn.Module):
 
         for i, blk in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None:
-                h = checkpoint(blk, h, e0, ctx[i], rope, attn, i, Fp, use_reentrant=False)
+                h = checkpoint(blk, h, e0, ctx[i], rope, attn, i, Fp, sink, use_reentrant=False)
             else:
-                h = blk(h, e0, ctx[i], rope, attn, i, Fp)
+                h = blk(h, e0, ctx[i], rope, attn, i, Fp, sink)
+        if sink is not None:
+            cross_cache.kv = sink  # complete only now: ``ready`` stays False if a block raised
 
         out = self.head(h, e, Fp).float()  # [B, L, pt*ph*pw*C]
         # unpatchify: channel fastest within a patch, (pt, ph, pw, c) order

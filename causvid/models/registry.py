@@ -63,7 +63,9 @@ DIT_SIZES: dict[str, DiTConfig] = {
 }
 
 
-def dit_config(size: str) -> DiTConfig:
+def dit_config(size: str, num_layers: int | None = None) -> DiTConfig:
+    """The named size; ``num_layers`` (``model.num_layers``) keeps its widths with that many blocks."""
     if size not in DIT_SIZES:
         raise KeyError(f"unknown DiT size {size!r}; valid: {sorted(DIT_SIZES)}")
-    return DIT_SIZES[size]
+    cfg = DIT_SIZES[size]
+    return cfg if num_layers is None else cfg.replace(num_layers=int(num_layers))

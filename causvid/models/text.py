@@ -503,6 +503,25 @@ class TextEncoder(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+def arch_of_state_dict(arch: UMT5Arch, sd: Mapping[str, torch.Tensor], where: str) -> UMT5Arch:
+    """``arch`` with the layer count and vocabulary rows a (Wan-named) state dict holds.
+
+    The official file has 24 layers and 256,384 rows; a rehearsal file (``causvid.models.random_weights``)
+    has fewer of both. Widths are not read from the file: the strict load that follows checks them.
+    """
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    n = max(layers) + 1 if layers else 0
+    if layers != set(range(n)):
+        raise WeightsError(f"umT5 weights {where}: blocks {sorted(set(range(n)) - layers)} are missing")
+    emb = sd.get("token_embedding.weight")
+    rows = int(emb.shape[0]) if emb is not None and emb.dim() == 2 else arch.vocab_size
+    if (n, rows) != (arch.num_layers, arch.vocab_size):
+        logger.warning("umT5 weights %s: %d layers and %d vocabulary rows (the named size has %d and %d)",
+                       where, n, rows, arch.num_layers, arch.vocab_size)
+        arch = arch.replace(num_layers=n or arch.num_layers, vocab_size=rows)
+    return arch
+
+
 class UMT5TextEncoder(TextEncoder):
     """umT5 encoder + tokenizer behind :class:`TextEncoder` (§5). Frozen; computes in its weights' dtype
     (bf16 for the official file, as Wan does) and returns float32."""
@@ -544,6 +563,7 @@ class UMT5TextEncoder(TextEncoder):
         sd = strip_prefixes(load_state_dict_file(weights_path), ("module.", "model."))
         if is_hf_umt5(sd):
             sd = umt5_state_dict_from_hf(sd)
+        a = arch_of_state_dict(a, sd, weights_path)
         with torch.device("meta"):
             model = UMT5Encoder(a).to(dtype)
         load_into(model, sd, what=f"umT5 weights {weights_path}")
@@ -712,8 +732,8 @@ def text_encoder_from_config(cfg: Any, *, device: torch.device | str = "cpu", dt
 
     * ``toy``: ``cfg.path`` (a file written by :meth:`ToyTextEncoder.save`) or, without one, the seeded
       encoder over the toy world's vocabulary (``dim`` / ``text_len`` default to 64 / 16).
-    * ``umt5``: the official weights ``cfg.path`` + tokenizer folder ``cfg.tokenizer_path``; bf16 unless
-      ``dtype`` says otherwise.
+    * ``umt5``: the official weights ``cfg.path`` + tokenizer folder ``cfg.tokenizer_path``; computes in
+      ``dtype``, else ``cfg.dtype`` (``text.dtype``), else bf16 (the official file's dtype).
     * ``tiny-umt5``: the ``tiny`` umT5 size; weights from ``cfg.path`` or seeded random; float32 default.
 
     ``dim`` / ``text_len``, when given, must match what the DiT expects (checked, or used to size the
@@ -734,7 +754,7 @@ def text_encoder_from_config(cfg: Any, *, device: torch.device | str = "cpu", dt
         if kind == "umt5" and not cfg.path:
             raise ValueError("config key 'text.path' is required for text.kind='umt5' "
                              "(models_t5_umt5-xxl-enc-bf16.pth)")
-        dt = dtype or (torch.bfloat16 if kind == "umt5" else torch.float32)
+        dt = dtype or (getattr(torch, cfg.dtype) if cfg.dtype else torch.bfloat16 if kind == "umt5" else torch.float32)
         if cfg.path:
             enc = UMT5TextEncoder.from_files(cfg.path, cfg.tokenizer_path, arch, dtype=dt, device=device,
                                              text_len=text_len)

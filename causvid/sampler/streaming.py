@@ -678,4 +678,4 @@ def _build_dit(cfg, dit_path: Optional[str], device, dtype):
 
     if dit_path is not None:
         return load_dit(dit_path, device=str(device), dtype=dtype).eval()  # the file's own config wins
-    return WanDiT(dit_config(cfg.model.size)).to(device=device, dtype=dtype).eval()
+    return WanDiT(dit_config(cfg.model.size, cfg.model.num_layers)).to(device=device, dtype=dtype).eval()

@@ -14,7 +14,8 @@ The trainer calls these helpers and never branches on the distributed type itsel
   ``DiTBlock`` and at the root. Full (unsharded) model / optimizer state dicts are gathered with
   ``torch.distributed.checkpoint.state_dict`` (a collective: every rank calls it) onto the CPU of rank 0.
   Gradient accumulation turns the reduce-scatter off with ``set_requires_gradient_sync(False)`` on
-  all but the last micro-batch. This path needs GPUs and is not exercised by the CPU test suite.
+  all but the last micro-batch. On CPUs it runs over gloo (``configs/accelerate/cpu_2proc_fsdp.yaml``, the
+  rehearsal of docs/wan2.1.md and tests/test_rehearsal.py); :func:`check_sharded` proves every block was sharded.
 * **Activation checkpointing** per DiT block: ``WanDiT.gradient_checkpointing = True`` (non-reentrant
   ``torch.utils.checkpoint`` around each block, compatible with DDP and FSDP2); modules without that
   flag but with a ``blocks`` ``ModuleList`` get torch's ``checkpoint_wrapper`` on each block.
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "make_accelerator", "is_fsdp", "set_activation_checkpointing", "prepare_trainable", "prepare_frozen",
+    "make_accelerator", "is_fsdp", "check_sharded", "set_activation_checkpointing", "prepare_trainable", "prepare_frozen",
     "no_sync", "unwrap", "full_tensor", "model_state_dict", "optimizer_state_dict", "load_optimizer_state",
     "clip_grad_norm", "all_reduce_sum", "all_reduce_max", "barrier",
 ]
@@ -66,7 +67,37 @@ def make_accelerator(cfg, *, find_unused_parameters: bool = False, log_with: Opt
 def is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type == DistributedType.FSDP
+    return accelerator.distributed_type == DistributedType.FSDP or _cpu_fsdp2(accelerator)
+
+
+def _cpu_fsdp2(accelerator) -> bool:
+    """An FSDP2 launch (``ACCELERATE_USE_FSDP`` / ``FSDP_VERSION`` set by ``accelerate launch``) on CPUs.
+
+    accelerate runs several CPU processes as ``MULTI_CPU`` and never selects FSDP there, so this module shards
+    the trainables itself (:func:`_shard`) in that case: the same ``fully_shard`` per block + root as accelerate
+    does on GPUs, over gloo (``configs/accelerate/cpu_2proc_fsdp.yaml``).
+    """
+    return (accelerator.device.type == "cpu" and accelerator.num_processes > 1
+            and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and os.environ.get("FSDP_VERSION") == "2")
+
+
+def _shard(accelerator, module: nn.Module) -> nn.Module:
+    """``fully_shard`` each block class instance, then the root (in place); bf16 compute with fp32 reduction
+    when the run is bf16."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    module.to(accelerator.device)
+    kw = {}
+    if str(accelerator.mixed_precision) == "bf16":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
+    classes = _block_classes(module)
+    for sub in module.modules():
+        if isinstance(sub, classes):
+            fully_shard(sub, reshard_after_forward=reshard, **kw)
+    fully_shard(module, reshard_after_forward=reshard, **kw)
+    check_sharded(module)
+    return module
 
 
 def set_activation_checkpointing(module: nn.Module, enabled: bool) -> None:
@@ -87,9 +118,43 @@ def set_activation_checkpointing(module: nn.Module, enabled: bool) -> None:
 
 
 def prepare_trainable(accelerator, module: nn.Module, optimizer: torch.optim.Optimizer):
-    """Wrap one trainable and its optimizer (DDP / FSDP2 / nothing), one ``prepare`` call per model."""
+    """Wrap one trainable and its optimizer (DDP / FSDP2 / nothing), one ``prepare`` call per model.
+
+    Under FSDP2 every block of a network with ``blocks`` must come back sharded (an error otherwise: a
+    wrap-class name in the accelerate config that matches nothing would silently replicate the blocks).
+    """
     module.train()
-    return accelerator.prepare(module, optimizer)
+    if _cpu_fsdp2(accelerator):
+        names = {id(p): n for n, p in module.named_parameters()}
+        _shard(accelerator, module)  # replaces the parameters by DTensor shards: point the optimizer at them
+        new = dict(module.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [new[names[id(p)]] for p in group["params"]]
+        return module, optimizer
+    wrapped, optimizer = accelerator.prepare(module, optimizer)
+    if is_fsdp(accelerator):
+        check_sharded(wrapped)
+    return wrapped, optimizer
+
+
+def check_sharded(module: nn.Module) -> None:
+    """Raise unless ``module`` and each of its ``blocks`` is an FSDP2 unit (``fully_shard`` applied)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    blocks = getattr(unwrap_plain(module), "blocks", None)
+    units = [("root", unwrap_plain(module))] + ([(f"blocks.{i}", b) for i, b in enumerate(blocks)]
+                                                if isinstance(blocks, nn.ModuleList) else [])
+    missing = [name for name, m in units if not isinstance(m, FSDPModule)]
+    if missing:
+        raise RuntimeError(f"FSDP2: {type(unwrap_plain(module)).__name__} {missing[:4]} not sharded; check "
+                           "fsdp_transformer_layer_cls_to_wrap in the accelerate config (DiTBlock)")
+
+
+def unwrap_plain(module: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` / DDP wrappers (FSDP2 shards in place, so it is the module itself)."""
+    while hasattr(module, "module") or hasattr(module, "_orig_mod"):
+        module = getattr(module, "module", None) or module._orig_mod
+    return module
 
 
 def _block_classes(module: nn.Module) -> tuple[type, ...]:
@@ -104,19 +169,7 @@ def prepare_frozen(accelerator, module: nn.Module) -> nn.Module:
         return module
     module.eval().requires_grad_(False)
     if is_fsdp(accelerator) and accelerator.num_processes > 1 and _block_classes(module):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        module.to(accelerator.device)
-        mp = None
-        if str(accelerator.mixed_precision) == "bf16":
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kw = {"mp_policy": mp} if mp is not None else {}
-        classes = _block_classes(module)
-        for sub in module.modules():
-            if isinstance(sub, classes):
-                fully_shard(sub, **kw)
-        fully_shard(module, **kw)
-        return module
+        return _shard(accelerator, module)
     return module.to(accelerator.device)
 
 
@@ -178,10 +231,22 @@ def load_optimizer_state(accelerator, wrapped: nn.Module, optimizer, state: dict
     if is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(wrapped, _inner_optimizer(optimizer), state,
+        inner = _inner_optimizer(optimizer)
+        set_optimizer_state_dict(wrapped, inner, _keyed_by_name(state, wrapped, inner),
                                  options=StateDictOptions(full_state_dict=True))
         return
     optimizer.load_state_dict(state)
+
+
+def _keyed_by_name(state: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state written without FSDP (``Optimizer.state_dict()``: parameters numbered in the order of
+    the param groups) in the parameter-name keys FSDP's ``set_optimizer_state_dict`` reads; other states unchanged."""
+    if not all(isinstance(i, int) for g in state.get("param_groups", []) for i in g["params"]):
+        return state
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]  # number i -> name
+    return {"state": {order[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 def clip_grad_norm(accelerator, wrapped: nn.Module, max_norm: float) -> torch.Tensor:

@@ -78,7 +78,7 @@ def load_network(cfg, key: str, *, device="cpu", dtype: torch.dtype = torch.floa
         raise ConfigError(f"config key '{key}' = {path!r}: no such file or folder")
     model = load_dit(resolve_dit_path(path), device=device, dtype=dtype, attention=cfg.model.attention,
                      gradient_checkpointing=cfg.model.gradient_checkpointing and trainable)
-    want = dit_config(cfg.model.size)
+    want = dit_config(cfg.model.size, cfg.model.num_layers)
     if model.cfg != want:
         diff = {k: (v, getattr(want, k)) for k, v in model.cfg.to_dict().items()
                 if v != want.to_dict()[k]}
@@ -93,7 +93,7 @@ def new_network(cfg, device="cpu"):
     """A freshly initialised DiT of ``cfg.model.size`` (the toy teacher trained from scratch)."""
     from causvid.models.dit import WanDiT
 
-    return WanDiT(dit_config(cfg.model.size), attention=cfg.model.attention,
+    return WanDiT(dit_config(cfg.model.size, cfg.model.num_layers), attention=cfg.model.attention,
                   gradient_checkpointing=cfg.model.gradient_checkpointing).to(device)
 
 
@@ -264,7 +264,7 @@ class _DiTStage(Stage):
             previews = False
         if not (self.needs_negative or encode_on_the_fly or previews):
             return
-        d = dit_config(cfg.model.size)
+        d = dit_config(cfg.model.size, cfg.model.num_layers)
         enc = text_encoder_from_config(cfg.text, device=device, dim=d.text_dim, text_len=d.text_len)
         if self.needs_negative:
             self.negative = enc.encode([str(cfg.dmd.negative_prompt)])[0].float().cpu()  # [1, L, D]

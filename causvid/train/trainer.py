@@ -4,10 +4,11 @@ One loop for every stage (teacher | causal_teacher | ode | dmd)::
 
     for step in range(start, max_steps):
         (stop agreed by all ranks?  -> checkpoint, exit 0)
+        batches = grad_accum batches from the loader            # one set per step, shared by its updates
         for u, name in enumerate(stage.updates(step)):        # e.g. ["generator", "critic"]
             zero grads of `name`
             for m in range(grad_accum):                        # no_sync on all but the last micro-batch
-                loss, logs = stage.loss(name, batch, models, step, rng(seed, rank, step, u, m))
+                loss, logs = stage.loss(name, batches[m], models, step, rng(seed, m * world + rank, step, u))
                 backward(loss / grad_accum)
             grad norm (clipped to optim.grad_clip); loss and grad norm finite on every rank?
               yes: optimizer step; EMA update if `name` is the EMA target
@@ -96,11 +97,16 @@ def check_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for config key '{key}': {OmegaConf.select(cfg, key)!r}; must be {what}")
 
 
-def step_rng(seed: int, rank: int, step: int, update: int, micro: int, device: torch.device) -> torch.Generator:
-    """The generator handed to ``Stage.loss``: a pure function of (seed, rank, step, update, micro-batch)."""
+def step_rng(seed: int, slot: int, step: int, update: int, device: torch.device) -> torch.Generator:
+    """The generator handed to ``Stage.loss``: a pure function of (seed, step, update, slot).
+
+    ``slot = micro * world_size + rank`` is the micro-batch's index in the step's global batch, the same index
+    the data order gives it (causvid/train/data.py): N processes x A micro-batches draw the same numbers and
+    the same samples as 1 process x N*A micro-batches, so runs agree across process counts (tests/test_sharding.py).
+    """
     dev = torch.device(device)
     g = torch.Generator(device="cpu" if dev.type == "cpu" else dev)
-    return g.manual_seed(mix_seed("step", seed, rank, step, update, micro))
+    return g.manual_seed(mix_seed("step", seed, slot, step, update))
 
 
 def _seed_all(seed: int) -> None:
@@ -381,8 +387,15 @@ class Trainer:
         return self.base_lr[name] * lr_multiplier(step, int(self.cfg.train.max_steps), int(o.warmup_steps),
                                                   int(o.decay_steps), float(o.min_lr_ratio))
 
-    def _update(self, name: str, step: int, u: int, record: dict) -> None:
-        """One optimizer update of ``name`` (``grad_accum`` micro-batches), guarded against NaN/Inf."""
+    def _next_batches(self) -> list:
+        """The step's ``grad_accum`` micro-batches. Every update of a step sees the same ones (the generator
+        and critic updates of a DMD iteration share a batch, as the official CausVid trainer, docs/method.md)."""
+        if self.loader is None:
+            return [{}] * int(self.cfg.train.grad_accum)
+        return [_to_device(self.loader.next(), self.accelerator.device) for _ in range(int(self.cfg.train.grad_accum))]
+
+    def _update(self, name: str, step: int, u: int, record: dict, batches: list) -> None:
+        """One optimizer update of ``name`` on the step's micro-batches, guarded against NaN/Inf."""
         cfg, acc = self.cfg, self.accelerator
         wrapped, opt = self.wrapped[name], self.optimizers[name]
         accum = int(cfg.train.grad_accum)
@@ -393,8 +406,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=acc.device)
         logs_sum: dict[str, float] = {}
         for m in range(accum):
-            batch = _to_device(self.loader.next(), acc.device) if self.loader is not None else {}
-            rng = step_rng(int(cfg.train.seed), self.rank, step, u, m, acc.device)
+            batch = batches[m]
+            rng = step_rng(int(cfg.train.seed), m * self.world_size + self.rank, step, u, acc.device)
             sync = contextlib.nullcontext() if m == accum - 1 else parallel.no_sync(acc, wrapped)
             with sync:
                 with acc.autocast():
@@ -516,8 +529,9 @@ class Trainer:
                     if unknown:
                         raise ValueError(f"stage '{self.stage.name}'.updates({step}) names {unknown}, not trainable "
                                          f"({sorted(self.wrapped)})")
+                    batches = self._next_batches()
                     for u, name in enumerate(names):
-                        self._update(name, step, u, record)
+                        self._update(name, step, u, record, batches)
                     record["step_time"] = time.perf_counter() - t0
                     losses.append(record)
                     if (step + 1) % int(cfg.train.log_every) == 0 and self.trackers:
@@ -547,6 +561,7 @@ class Trainer:
             acc.end_training()
         return {
             "step": step, "stopped": stopped, "world_size": self.world_size,
+            "distributed": "FSDP2" if parallel.is_fsdp(acc) else "DDP" if self.world_size > 1 else "none",
             "checkpoint": ckpt.checkpoint_dir(self.output_dir, step), "final": final,
             "updates": dict(self.update_counts), "nonfinite": dict(self.nonfinite_total),
         }
