@@ -23,11 +23,13 @@ from omegaconf import OmegaConf
 
 from causvid.config import ConfigError
 
-__all__ = ["PATH_KEYS", "check_run", "check_paths", "check_output_dir", "check_sizes", "check_count"]
+__all__ = ["PATH_KEYS", "TRAIN_PATH_KEYS", "check_run", "check_paths", "check_output_dir", "check_sizes", "check_count"]
 
 # Config keys that name a file or folder that must exist when set.
 PATH_KEYS = ("train.init_from", "train.teacher_path", "vae.path", "text.path", "text.tokenizer_path",
              "data.path", "ode_pairs.prompts")
+# The ones the trainer reads (ode_pairs.prompts is build_ode_pairs.py's: a training config may carry it unused).
+TRAIN_PATH_KEYS = tuple(k for k in PATH_KEYS if k != "ode_pairs.prompts")
 
 
 def check_paths(cfg, keys: Iterable[str] = PATH_KEYS) -> None:

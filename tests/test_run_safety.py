@@ -504,3 +504,18 @@ def test_random_sigkills_including_saves_and_pruning_end_equal_to_an_uninterrupt
             str(out / "final" / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert ckpt_names(out) == ["checkpoint-399", "checkpoint-400"]  # pruning caught up with every leftover
+
+
+def test_training_does_not_check_the_ode_pair_builders_prompt_file(tmp_path):
+    """``ode_pairs.prompts`` is read by build_ode_pairs.py only; the Wan configs carry it into every stage, so the
+    trainer must not refuse a run whose prompt file is not on this machine (the rehearsal found this)."""
+    from causvid.config import ConfigError, load_config
+    from causvid.train.trainer import check_train_config
+
+    cfg = load_config(None, ["model.size=tiny", "vae.size=tiny", "data.height=16", "data.width=16",
+                             f"train.output_dir={tmp_path / 'run'}", "ode_pairs.prompts=data/not_here.txt"])
+    check_train_config(cfg)
+    with pytest.raises(ConfigError, match="train.init_from"):
+        check_train_config(load_config(None, ["model.size=tiny", "vae.size=tiny", "data.height=16",
+                                              "data.width=16", f"train.output_dir={tmp_path / 'run'}",
+                                              "train.init_from=not_here.safetensors"]))

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from causvid.config import ConfigError, load_config, validate
-from causvid.validate import check_run
+from causvid.validate import TRAIN_PATH_KEYS, check_run
 
 from . import checkpoint as ckpt
 from . import parallel
@@ -69,7 +69,7 @@ def check_train_config(cfg: DictConfig) -> None:
     """Trainer-level checks on top of :func:`causvid.config.validate` and the pre-flight
     :func:`causvid.validate.check_run` (paths, sizes, ranges); raise ConfigError naming the key."""
     validate(cfg)
-    check_run(cfg)
+    check_run(cfg, paths=TRAIN_PATH_KEYS)
     t = cfg.train
     rules = [
         (t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only the final checkpoint)"),
