@@ -35,6 +35,7 @@ from causvid.models.weights import (
     load_dit,
     save_safetensors,
 )
+from causvid.train.checkpoint import atomic_write_json
 
 FORMATS = ("wan", "diffusers", "lora")
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -142,17 +143,9 @@ def _write_vae(vae_path: str, size: Optional[str], folder: str, max_shard_size: 
 
     vae = load_vae(vae_path, size)
     os.makedirs(folder)
-    _write_json(diffusers_vae_config(vae.arch), os.path.join(folder, "config.json"))
+    atomic_write_json(os.path.join(folder, "config.json"), diffusers_vae_config(vae.arch))
     write_weights({to_diffusers_key(k, vae.arch): (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                    for k, v in vae.state_dict().items()}, folder, max_shard_size)
-
-
-def _write_json(obj: Mapping, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def write_weights(sd: Mapping[str, torch.Tensor], folder: str, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
@@ -170,7 +163,7 @@ def write_weights(sd: Mapping[str, torch.Tensor], folder: str, max_shard_size: i
         written.append(path)
     if split.is_sharded:
         index = os.path.join(folder, WEIGHTS_STEM + SAFETENSORS_INDEX_SUFFIX)
-        _write_json({"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}, index)
+        atomic_write_json(index, {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename})
         written.append(index)
     return written
 
@@ -202,13 +195,13 @@ def export(source: ExportSource, out: str, fmt: str, *, max_shard_size: int | st
     os.makedirs(weights_dir)
     try:
         if fmt == "diffusers":
-            _write_json(diffusers_config(cfg), os.path.join(weights_dir, "config.json"))
+            atomic_write_json(os.path.join(weights_dir, "config.json"), diffusers_config(cfg))
             write_weights({dit_to_diffusers_key(k): v for k, v in sd.items()}, weights_dir, max_shard_size)
             vae_path = source.config.vae.path if source.config is not None else None
             if vae_path:  # the run's VAE, for AutoencoderKLWan
                 _write_vae(vae_path, source.config.vae.size, os.path.join(tmp, "vae"), max_shard_size, dtype)
         elif fmt == "wan":
-            _write_json(wan_config(cfg), os.path.join(weights_dir, "config.json"))
+            atomic_write_json(os.path.join(weights_dir, "config.json"), wan_config(cfg))
             write_weights(sd, weights_dir, max_shard_size)
         else:
             source.lora = _write_lora(source, lora or LoraOptions(), tmp, dtype or torch.float32)
@@ -253,7 +246,7 @@ def _write_lora(source: ExportSource, opts: LoraOptions, folder: str, dtype: tor
                "relative_error_total": report.total, "relative_error_per_layer": report.per_layer,
                "full_deltas": report.full_deltas,
                "ignored_by_diffusers": sorted(k for k in tensors if diffusers_skips(k))}
-    _write_json(summary, os.path.join(folder, "lora_report.json"))
+    atomic_write_json(os.path.join(folder, "lora_report.json"), summary)
     return summary
 
 
