@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -55,9 +56,10 @@ def test_rehearsal_chain_at_real_widths(tmp_path):
     s = _run(["train_dmd.py", "--config", f"{CFG}/ode_init.yaml", *common, *fp32, f"data.path={d / 'ode'}",
               f"train.init_from={w}", f"train.output_dir={ode}", "train.max_steps=1"])[-1]
     assert s["final"] and s["updates"] == {"generator": 1}
+    shutil.rmtree(ode / "checkpoint-1")  # ~1.7 GB a stage at these widths: keep the disk peak low
     dmd = tmp_path / "dmd"
     args = ["train_dmd.py", "--config", f"{CFG}/dmd.yaml", *common, *fp32, f"data.path={d / 'latents'}",
-            f"train.init_from={ode / 'final'}", f"train.output_dir={dmd}", "train.checkpoint_every=1"]
+            f"train.init_from={ode / 'final'}", f"train.output_dir={dmd}", "train.checkpoint_every=1", "train.keep_last=1"]
     s = _run(args + ["train.max_steps=1"], launch="cpu_2proc_fsdp.yaml")[-1]
     assert (s["distributed"], s["world_size"], s["updates"]) == ("FSDP2", 2, {"generator": 1, "critic": 1})
     assert (dmd / "checkpoint-1" / "COMPLETE").exists()
