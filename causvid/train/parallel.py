@@ -30,6 +30,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from causvid.train.precision import warn_if_emulated_bf16
+
 __all__ = [
     "make_accelerator", "is_fsdp", "check_sharded", "set_activation_checkpointing", "prepare_trainable", "prepare_frozen",
     "no_sync", "unwrap", "full_tensor", "model_state_dict", "optimizer_state_dict", "load_optimizer_state",
@@ -61,6 +63,7 @@ def make_accelerator(cfg, *, find_unused_parameters: bool = False, log_with: Opt
     )
     if log_with:
         kwargs.update(log_with=log_with, project_dir=project_dir)
+    warn_if_emulated_bf16(cfg.train.mixed_precision, "cpu" if cpu else "cuda")
     return Accelerator(**kwargs)
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from causvid.config import save_config
 from causvid.models.vae import CausalConv3d, WanVAE, save_vae, vae_arch
 from causvid.train.lr import lr_multiplier
+from causvid.train.precision import warn_if_emulated_bf16
 
 
 @dataclass(frozen=True)
@@ -298,6 +299,7 @@ def train_vae(cfg: Any, output_dir: str, steps: Optional[int] = None, options: O
     opt = options or VAETrainOptions()
     total = int(cfg.train.max_steps if steps is None else steps)
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    warn_if_emulated_bf16(cfg.train.mixed_precision, acc.device.type)
     torch.manual_seed(cfg.train.seed)
     vae = build_vae(cfg, opt).train()
     a = vae.arch
