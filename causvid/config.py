@@ -160,6 +160,8 @@ class SamplerConfig:
     sink_chunks: int = 1  # rolling cache: chunks kept from the start
     window_chunks: int = 0  # rolling cache: most recent chunks kept (0 = unbounded, preallocated to length)
     guidance: float = 1.0  # student CFG weight (1 = none; DMD students need none)
+    decoder: str = "vae"  # vae | tiny: pixels from the VAE's decoder or a tiny streaming decoder (docs/vae.md)
+    tiny_decoder_path: str = ""  # the tiny decoder's safetensors (scripts/train_decoder.py), for decoder=tiny
 
 
 @dataclass
@@ -189,6 +191,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dmd.teacher": ("bidirectional", "causal", "none"),
     "dmd.generator_input": ("data", "ode", "backward_simulation"),
     "ode_pairs.solver": ("euler", "unipc"),
+    "sampler.decoder": ("vae", "tiny"),
 }
 
 
@@ -268,6 +271,8 @@ def validate(cfg: DictConfig) -> None:
                 value = match[0]
         if value is not None and value not in allowed:
             raise ConfigError(f"invalid value for config key '{key}': {value!r}; valid: {list(allowed)}")
+    if cfg.sampler.decoder == "tiny" and not cfg.sampler.tiny_decoder_path:
+        raise ConfigError("config key 'sampler.decoder' is 'tiny' but 'sampler.tiny_decoder_path' is empty")
     from causvid.models.registry import DIT_SIZES  # local: registry imports nothing heavy
 
     if cfg.model.size not in DIT_SIZES:

@@ -174,9 +174,12 @@ class CausalSampler:
     def __init__(self, model, vae, text_encoder, *, layout: ChunkLayout, steps: Sequence[float],
                  context_noise: float = 0.0, sink_chunks: int = 1, window_chunks: int = 0, guidance: float = 1.0,
                  negative_prompt: str = "", height: int = 64, width: int = 64, fps: float = 8.0,
-                 num_frames: int = 33, offload_text: bool = True, device: Any = None, cfg: Any = None):
+                 num_frames: int = 33, offload_text: bool = True, device: Any = None, cfg: Any = None,
+                 decoder: Any = None):
         self.model = model  # used under torch.no_grad(); train/eval mode and requires_grad are left as given
         self.vae = vae
+        # pixels come from ``decoder`` (a TinyDecoder, or anything with ``stream_decoder()``) or the VAE's decoder
+        self.decoder = decoder if decoder is not None else vae
         self.text_encoder = text_encoder
         self.layout = layout
         self.steps = [float(s) for s in steps]
@@ -218,7 +221,7 @@ class CausalSampler:
             if not os.path.isfile(p):
                 raise WeightsError(f"{folder} is not an export folder: {os.path.basename(p)} is missing ({p})")
         cfg = load_config(cfg_path, overrides)
-        for key in ("vae.path", "text.path", "text.tokenizer_path"):  # tolerate paths relative to the folder
+        for key in ("vae.path", "text.path", "text.tokenizer_path", "sampler.tiny_decoder_path"):  # tolerate paths relative to the folder
             sect, name = key.split(".")
             p = cfg[sect][name]
             if p and not os.path.isabs(p) and not os.path.exists(p) and os.path.exists(os.path.join(folder, p)):
@@ -268,6 +271,10 @@ class CausalSampler:
 
             text_encoder = text_encoder_from_config(cfg.text, device=device, dim=model.cfg.text_dim,
                                                     text_len=model.cfg.text_len)
+        if cfg.sampler.decoder == "tiny" and "decoder" not in sampler_kw:
+            from causvid.models.tiny_decoder import load_tiny_decoder
+
+            sampler_kw["decoder"] = load_tiny_decoder(cfg.sampler.tiny_decoder_path, device=device)
         if steps is None:
             sc = cfg.schedule
             steps = student_steps(S.denoising_steps(list(sc.denoising_step_list), sc.warp_denoising_step, sc.shift))
@@ -275,7 +282,7 @@ class CausalSampler:
                   window_chunks=cfg.sampler.window_chunks, guidance=cfg.sampler.guidance,
                   negative_prompt=cfg.dmd.negative_prompt, height=cfg.data.height, width=cfg.data.width,
                   fps=cfg.data.fps, num_frames=cfg.sampler.num_frames, offload_text=cfg.text.offload_after_encode)
-        unknown = set(sampler_kw) - set(kw)
+        unknown = set(sampler_kw) - set(kw) - {"decoder"}
         if unknown:
             raise TypeError(f"unknown CausalSampler option(s) {sorted(unknown)}; valid: {sorted(kw)}")
         kw.update(sampler_kw)
@@ -293,6 +300,10 @@ class CausalSampler:
         if self.height % s or self.width % s:
             raise ValueError(f"height {self.height} / width {self.width} must be multiples of the VAE's {s}x")
         self.model.grid((1, 1, z, self.height // s, self.width // s))  # raises if not divisible by the patch
+        d = getattr(self.decoder, "arch", None)
+        if self.decoder is not self.vae and d is not None and (d.z_dim, d.spatial_factor) != (z, s):
+            raise ValueError(f"the decoder takes {d.z_dim}-channel latents at {d.spatial_factor}x, the VAE makes "
+                             f"{z}-channel latents at {s}x")
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -558,7 +569,7 @@ class CausalSampler:
         schedule). Same arguments as :meth:`stream_latents`. The VAE decodes chunk by chunk with its causal cache
         (the first chunk gives ``1 + 4(n - 1)`` frames, later ones ``4 n``)."""
         _, batched = _normalize_schedule(prompts)
-        dec = self.vae.stream_decoder()
+        dec = self.decoder.stream_decoder()
         for _, _, lat in self.stream_latents(prompts, num_chunks, num_frames, seed, **kw):
             frames = _uint8_frames(dec.push(lat))
             yield frames if batched else frames[0]
@@ -571,7 +582,7 @@ class CausalSampler:
         returns ``(video, latents [B, F, C, h, w])``. Keyword arguments as in :meth:`stream_latents`.
         """
         _, batched = _normalize_schedule(prompts)
-        dec = self.vae.stream_decoder()
+        dec = self.decoder.stream_decoder()
         frames, lats = [], []
         with torch.no_grad():
             for _, _, lat in self.stream_latents(prompts, num_chunks, num_frames, seed, **kw):
@@ -608,7 +619,7 @@ class CausalSampler:
         gens = self._generators(seed, B)
         prefix = None
         for r in range(num_rollouts):
-            dec, buf, lats = self.vae.stream_decoder(), [], []
+            dec, buf, lats = self.decoder.stream_decoder(), [], []
             for _, _, lat in self.stream_latents(prompts, None, self.pixel_frames(F_roll), prefix=prefix,
                                                  _gens=gens):
                 lats.append(lat)
