@@ -10,7 +10,6 @@ against the frames, and of the tiny decoder against the VAE.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
