@@ -50,7 +50,7 @@ PRESETS = {
     # CI: proves the whole chain runs; the numbers mean nothing.
     "smoke": Preset(vae_steps=6, num_videos=16, teacher_steps=6, ode_pairs=8, ode_steps=4, dmd_steps=5,
                     eval_videos=2, teacher_eval_steps=6, batch_size=4, checkpoint_every=1000, ode_pair_steps=25),
-    # ~5 minutes on 2 CPU cores: every stage, every output file; the models are barely trained.
+    # 5-14 minutes on 2 CPU cores (by CPU): every stage, every output file; the models are barely trained.
     "fast": Preset(vae_steps=250, num_videos=96, teacher_steps=150, ode_pairs=16, ode_steps=60, dmd_steps=40,
                    eval_videos=4, teacher_eval_steps=25, ode_pair_steps=25),
     # <= 30 minutes on 2 CPU cores (measured 22 min 46 s): a good VAE (29.6 dB), a teacher that has learnt
@@ -396,7 +396,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(description="Run the whole CausVid method on the built-in toy world.")
-    ap.add_argument("--fast", action="store_true", help="the ~5 minute preset")
+    ap.add_argument("--fast", action="store_true", help="the short preset (5-14 minutes on 2 CPU cores; barely trained models)")
     ap.add_argument("--preset", choices=sorted(PRESETS), help="smoke | fast | default | full (overrides --fast)")
     ap.add_argument("--out", help="run folder (default runs/quickstart-<preset>)")
     ap.add_argument("--device", default="cpu")
