@@ -27,6 +27,16 @@ LAYOUT = ChunkLayout(2)
 B, F, C, H, W = 2, 6, 4, 4, 4  # 3 chunks of 2 latent frames
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine the conftest's 2 threads made
+    these tests ~15x slower (spin-waiting); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(checkpointing=False, seed=0):
     torch.manual_seed(seed)
     m = WanDiT(dit_config("tiny"), gradient_checkpointing=checkpointing)
