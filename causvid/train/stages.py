@@ -565,7 +565,8 @@ class DMDStage(ODEStage):
     """Asymmetric distribution matching distillation (CausVid §4.2; reference §5).
 
     generator: the causal student (``train.init_from``, the ODE initialisation), one block-causal forward
-    on inputs chosen by ``dmd.generator_input``; real score: the frozen teacher (``train.teacher_path``)
+    on inputs chosen by ``dmd.generator_input``, or (``self_forcing``) its own KV-cached rollout with gradient
+    through each chunk's exit-step forward (:mod:`causvid.train.rollout`); real score: the frozen teacher (``train.teacher_path``)
     with CFG ``uncond + w (cond - uncond)``, w = ``dmd.real_guidance``, uncond = the negative prompt;
     fake score (critic): a trainable copy of the teacher trained online with the flow loss on generator
     samples. The critic runs in the same mode as the real score (bidirectional, or block-causal with one t
