@@ -130,14 +130,27 @@ class TrainConfig:
 
 
 @dataclass
+class SelfForcingConfig:
+    """``dmd.generator_input: self_forcing`` (causvid_reference.md §9.2; docs/method.md)."""
+
+    same_step_across_blocks: bool = True  # one exit step per iteration for all chunks (else one per chunk)
+    last_step_only: bool = False  # always exit at the last step of the list
+    cache_grad: str = "straight_through"  # straight_through (published recipe) | detached
+    rollout_frames: int = 0  # latent frames rolled out; 0: the clip's. Longer: gradient only for the last clip
+    ts_schedule: bool = False  # DMD / critic t >= the level after the exit step (reference ts_schedule)
+    ts_schedule_max: bool = False  # DMD / critic t <= the exit step's level (reference ts_schedule_max)
+
+
+@dataclass
 class DMDConfig:
     teacher: str = "bidirectional"  # bidirectional | causal | none (ODE regression only)
-    generator_input: str = "data"  # data | ode | backward_simulation
+    generator_input: str = "data"  # data | ode | backward_simulation | self_forcing
     real_guidance: float = 4.5  # true CFG weight w of the real score: uncond + w (cond - uncond)
     fake_guidance: float = 1.0  # CFG weight of the fake score (1 = conditional only)
     update_ratio: int = 5  # critic updates per generator update
     critic_optim: OptimConfig = field(default_factory=OptimConfig)
     negative_prompt: str = WAN_NEGATIVE_PROMPT
+    self_forcing: SelfForcingConfig = field(default_factory=SelfForcingConfig)
 
 
 @dataclass
@@ -189,7 +202,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "bf16"),
     "train.log_with": ("none", "wandb", "tensorboard"),
     "dmd.teacher": ("bidirectional", "causal", "none"),
-    "dmd.generator_input": ("data", "ode", "backward_simulation"),
+    "dmd.generator_input": ("data", "ode", "backward_simulation", "self_forcing"),
+    "dmd.self_forcing.cache_grad": ("straight_through", "detached"),
     "ode_pairs.solver": ("euler", "unipc"),
     "sampler.decoder": ("vae", "tiny"),
 }

@@ -89,12 +89,15 @@ def denoising_steps(steps: Sequence[float], warp: bool, shift: float, num_train_
 
 def sample_training_timesteps(shape, shift: float, min_ratio: float = 0.02, max_ratio: float = 0.98,
                               num_train_timesteps: int = T_MAX, generator: torch.Generator | None = None,
-                              device: torch.device | str = "cpu") -> torch.Tensor:
+                              device: torch.device | str = "cpu",
+                              u_range: tuple[int, int] | None = None) -> torch.Tensor:
     """DMD / critic timesteps (``causvid_reference.md`` §3.5): ``u ~ randint(0, T)``, shifted, clamped.
 
     ``t = T shift(u / T)`` then ``clamp(t, min_ratio T, max_ratio T)``; float32 tensor of ``shape``.
+    ``u_range = (lo, hi)`` draws ``u ~ randint(lo, hi)`` instead (Self-Forcing's ``ts_schedule``).
     """
-    u = torch.randint(0, num_train_timesteps, tuple(shape), generator=generator, device="cpu").double()
+    lo_u, hi_u = (0, num_train_timesteps) if u_range is None else (int(u_range[0]), int(u_range[1]))
+    u = torch.randint(lo_u, hi_u, tuple(shape), generator=generator, device="cpu").double()
     t = num_train_timesteps * shift_sigma(u / num_train_timesteps, shift)
     lo, hi = int(min_ratio * num_train_timesteps), int(max_ratio * num_train_timesteps)
     return t.clamp(lo, hi).float().to(device)

@@ -142,6 +142,16 @@ def test_dmd_updates_change_only_their_network():
     bench.generator_update()
     assert any(not torch.equal(a, b) for a, b in zip(g0, bench.gen.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(c1, bench.critic.parameters()))
+    sf = B.SelfForcingBench(w)  # the same updates on the generator's own rollout
+    g0 = [p.detach().clone() for p in sf.gen.parameters()]
+    c0 = [p.detach().clone() for p in sf.critic.parameters()]
+    sf.critic_update_at(1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, sf.gen.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(c0, sf.critic.parameters()))
+    c1 = [p.detach().clone() for p in sf.critic.parameters()]
+    sf.generator_update_at(0)
+    assert any(not torch.equal(a, b) for a, b in zip(g0, sf.gen.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(c1, sf.critic.parameters()))
 
 
 @pytest.fixture
@@ -176,9 +186,11 @@ def test_script_smoke_run_writes_json_and_markdown(tmp_path, restore_threads):
     assert [row["steps"] for row in r["steps_sweep"]] == [1, 2]
     assert [row["batch"] for row in r["batch"]["rows"]] == [1, 2]
     assert set(r["dmd"]) >= {"generator", "critic", "per_iteration_ratio5"}
+    assert [row["exit_step"] for row in r["self_forcing"]["rows"]] == [0, 1]
     assert r["flop_model"]["check_forward"]["rel_err"] == 0.0
     md = (out / "benchmark.md").read_text()
-    for title in ("Student vs teacher", "KV cache vs recomputation", "Batching", "DMD training step", "Targets"):
+    for title in ("Student vs teacher", "KV cache vs recomputation", "Batching", "DMD training step",
+                  "Self-Forcing DMD training step", "Targets"):
         assert f"### {title}" in md
     assert all(os.path.isfile(p) for p in r["plots"]) and len(r["plots"]) == 2
     # merging two runs of one setting (sections split over several GPU calls) keeps every command

@@ -41,11 +41,11 @@ from causvid.benchmark.flops import (
 from causvid.benchmark.measure import Clock, MemoryMeter, Recorder, Stats, measure_matmul_peak, time_runs
 from causvid.benchmark.options import SECTIONS, SIZE_DEFAULTS, STEP_LISTS, BenchOptions, step_list
 from causvid.benchmark.report import merge_results, render_markdown, targets, write_plots, write_reports
-from causvid.benchmark.sections import DMDBench, run_benchmark
+from causvid.benchmark.sections import DMDBench, SelfForcingBench, run_benchmark
 from causvid.benchmark.workload import Geometry, Workload, build_dit, build_vae
 
 __all__ = [
-    "BenchOptions", "Clock", "DMDBench", "Flops", "Geometry", "MemoryMeter", "Recorder", "SECTIONS", "SIZE_DEFAULTS",
+    "BenchOptions", "Clock", "DMDBench", "SelfForcingBench", "Flops", "Geometry", "MemoryMeter", "Recorder", "SECTIONS", "SIZE_DEFAULTS",
     "STEP_LISTS", "Stats", "Workload", "block_causal_pairs", "build_arg_parser", "build_dit", "build_vae", "count_flops",
     "cross_kv_flops", "dit_forward_flops", "dmd_step_flops", "kv_cache_bytes", "linear_flops_per_token", "main",
     "measure_matmul_peak", "merge_results", "recompute_sampling_flops", "render_markdown", "run_benchmark", "sdpa_flops",

@@ -26,7 +26,7 @@ STEP_LISTS: dict[int, list[float]] = {
     4: [1000.0, 750.0, 500.0, 250.0],
 }
 
-SECTIONS = ("flops", "student", "teacher", "kv", "steps", "batch", "dmd")
+SECTIONS = ("flops", "student", "teacher", "kv", "steps", "batch", "dmd", "self_forcing")
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet dense bf16 (H100 / H200 SXM), performance.md §1.4
 

@@ -110,6 +110,22 @@ def _md_dmd(d: dict, peak: dict) -> str:
             f"bf16 autocast: {_f(d['autocast_bf16'])}; block-causal attention: {d['attention']}.")
 
 
+def _md_self_forcing(d: dict, dmd: Optional[dict]) -> str:
+    rows = [(f"k = {r['exit_step']}", r["generator_s"], r["critic_s"], _gb(r["generator_peak_bytes"]),
+             _gb(r["critic_peak_bytes"])) for r in d["rows"]]
+    rows.append(("mean over k (uniform exit step)", d["generator_mean_s"], d["critic_mean_s"], "", ""))
+    text = _table(["exit step (all chunks)", "generator update (s)", "critic update (s)", "generator peak memory",
+                   "critic peak memory"], rows)
+    text += f"\n\nPer iteration (1 generator : 5 critic): {_f(d['per_iteration_ratio5_s'])} s"
+    if dmd and dmd.get("per_iteration_ratio5"):
+        base = dmd["per_iteration_ratio5"]["step_s"]
+        text += (f" vs {_f(base)} s for CausVid DMD ({_f(d['per_iteration_ratio5_s'] / base)}x); generator update "
+                 f"{_f(d['generator_mean_s'] / dmd['generator']['step_s'])}x, critic update "
+                 f"{_f(d['critic_mean_s'] / dmd['critic']['step_s'])}x")
+    return text + (f". Gradient checkpointing: {_f(d['gradient_checkpointing'])}; optimizer step included: "
+                   f"{_f(d['optimizer_step'])}; bf16 autocast: {_f(d['autocast_bf16'])}.")
+
+
 def _md_targets(rows: list) -> str:
     return _table(["setting", "target", "measured", "met"],
                   [(r["setting"], r["target"], r["value"], "n/a" if r["met"] is None else ("yes" if r["met"] else "no"))
@@ -136,6 +152,8 @@ def render_markdown(r: dict) -> str:
                 ("Frames per second vs student steps", _md_steps(r["steps_sweep"]) if r.get("steps_sweep") else None),
                 ("Batching", _md_batch(r["batch"]) if r.get("batch") else None),
                 ("DMD training step", _md_dmd(r["dmd"], r["peak"]) if r.get("dmd") else None),
+                ("Self-Forcing DMD training step", _md_self_forcing(r["self_forcing"], r.get("dmd"))
+                 if r.get("self_forcing") else None),
                 ("Targets (reported, not asserted)", _md_targets(r["targets"]))]
     fm = r.get("flop_model")
     if fm:
@@ -193,7 +211,7 @@ def write_plots(r: dict, out_dir: str, prefix: str) -> list[str]:
 
 
 _RESULT_KEY = {"flops": "flop_model", "student_teacher": "student", "kv": "kv_vs_recompute", "steps": "steps_sweep",
-               "batch": "batch", "dmd": "dmd"}
+               "batch": "batch", "dmd": "dmd", "self_forcing": "self_forcing"}
 
 
 def merge_results(runs: Sequence[dict]) -> dict:

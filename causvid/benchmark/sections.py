@@ -33,6 +33,7 @@ from causvid.benchmark.report import _jsonable, targets
 from causvid.benchmark.workload import TextBench, Workload, build_dit, compile_dit_blocks
 from causvid.models.dit import WanDiT
 from causvid.sampler import guided_flow
+from causvid.train.rollout import self_forcing_rollout
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +326,10 @@ class DMDBench:
     def generator_update(self, rec: Optional[Recorder] = None) -> None:
         with self._amp():
             x0 = S.x0_from_flow(self.x_in, self.gen(self.x_in, self.t_in, self.cond, layout=self.w.layout), self.t_in)
+        self._dmd_update(x0)
+
+    def _dmd_update(self, x0: torch.Tensor) -> None:
+        """Scores on the generator sample ``x0`` (with grad), the DMD loss, backward, clip, AdamW."""
         with torch.no_grad():
             x_t, t, _ = self._noised(x0.detach())
             with self._amp():
@@ -338,10 +343,60 @@ class DMDBench:
         with torch.no_grad(), self._amp():
             x_gen = S.x0_from_flow(self.x_in, self.gen(self.x_in, self.t_in, self.cond, layout=self.w.layout),
                                    self.t_in)
+        self._critic_update(x_gen)
+
+    def _critic_update(self, x_gen: torch.Tensor) -> None:
         x_t, t, eps = self._noised(x_gen)
         with self._amp():
             v = self.critic(x_t, t, self.cond)
         self._step(self.critic, self.opt_c, self.critic_loss(v, x_gen, eps))
+
+
+class SelfForcingBench(DMDBench):
+    """The DMD updates with Self-Forcing's generator input: the generator's own KV-cached rollout
+    (:func:`causvid.train.rollout.self_forcing_rollout`, straight-through cache gradient) from noise, every chunk
+    exiting at step ``k``; scores, losses and optimiser steps as :class:`DMDBench`."""
+
+    def _rollout(self, k: int) -> torch.Tensor:
+        w = self.w
+        noise = w.noise(w.o.dmd_batch, seed=21)
+        n_chunks = len(w.layout.chunks(w.geo.latent_frames))
+        with self._amp():
+            return self_forcing_rollout(self.gen, noise, self.cond, layout=w.layout, steps=step_list(w.o.steps),
+                                        exit_steps=[k] * n_chunks, generator=self.rng)
+
+    def generator_update_at(self, k: int, rec: Optional[Recorder] = None) -> None:
+        self._dmd_update(self._rollout(k))
+
+    def critic_update_at(self, k: int, rec: Optional[Recorder] = None) -> None:
+        with torch.no_grad():
+            x_gen = self._rollout(k)
+        self._critic_update(x_gen)
+
+
+def section_self_forcing(w: Workload) -> dict[str, Any]:
+    """Self-Forcing generator / critic update times per exit step k, and their mean (the expectation under the
+    published uniform exit step); the CausVid DMD step of the ``dmd`` section is the baseline."""
+    o = w.o
+    bench = SelfForcingBench(w)
+    n = len(step_list(o.steps))
+    fns = {}
+    for k in range(n):
+        fns[f"generator_k{k}"] = functools.partial(bench.generator_update_at, k)
+        fns[f"critic_k{k}"] = functools.partial(bench.critic_update_at, k)
+    res = time_runs(fns, w.clock, warmup=o.warmup, reps=o.reps, meter=w.meter)
+    rows = [{"exit_step": k, "generator_s": _med(res, f"generator_k{k}"), "critic_s": _med(res, f"critic_k{k}"),
+             "generator_peak_bytes": res[f"generator_k{k}"]["peak_bytes"],
+             "critic_peak_bytes": res[f"critic_k{k}"]["peak_bytes"]} for k in range(n)]
+    gen = statistics.fmean(r["generator_s"] for r in rows)
+    crit = statistics.fmean(r["critic_s"] for r in rows)
+    out = {"batch": o.dmd_batch, "gradient_checkpointing": bool(o.grad_ckpt), "optimizer_step": o.optimizer_step,
+           "autocast_bf16": bench.autocast, "rows": rows, "generator_mean_s": gen, "critic_mean_s": crit,
+           "per_iteration_ratio5_s": (gen + 5 * crit) / 5}
+    del bench
+    if w.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def section_dmd(w: Workload, peak_tflops: float) -> dict[str, Any]:
@@ -467,6 +522,8 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         results["batch"] = _section(results, "batch", lambda: section_batch(w))
     if "dmd" in o.sections:
         results["dmd"] = _section(results, "dmd", lambda: section_dmd(w, peak))
+    if "self_forcing" in o.sections:
+        results["self_forcing"] = _section(results, "self_forcing", lambda: section_self_forcing(w))
     results["targets"] = targets(results)
     if hasattr(os, "getloadavg"):
         results["meta"]["loadavg_end"] = list(os.getloadavg())

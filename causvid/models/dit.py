@@ -302,7 +302,9 @@ class WanDiT(nn.Module):
         attn = self._attention_fn(Fp, S, layout, kv_cache, start_frame, x.device)
 
         for i, blk in enumerate(self.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None:
+            # a KV cache written in place cannot be recomputed; one that builds its inputs out of place can
+            if self.gradient_checkpointing and torch.is_grad_enabled() and (
+                    kv_cache is None or getattr(kv_cache, "supports_checkpointing", False)):
                 h = checkpoint(blk, h, e0, ctx[i], rope, attn, i, Fp, sink, use_reentrant=False)
             else:
                 h = blk(h, e0, ctx[i], rope, attn, i, Fp, sink)

@@ -35,6 +35,7 @@ from causvid.losses import (
 from causvid.models.attention import ChunkLayout
 from causvid.models.registry import dit_config
 from causvid.sampler import causal_sample, guided_flow, student_steps, teacher_sample
+from causvid.train.rollout import draw_exit_steps, exit_interval, self_forcing_rollout
 from causvid.train.stage import Stage, build_stage, register_stage
 
 __all__ = ["TeacherStage", "CausalTeacherStage", "ODEStage", "DMDStage", "build_stage", "load_network",
@@ -225,6 +226,37 @@ def build_dataset(cfg, want: str) -> torch.utils.data.Dataset:
 def _require(cfg, key: str, why: str) -> None:
     if not OmegaConf.select(cfg, key):
         raise ConfigError(f"config key '{key}' is required {why}")
+
+
+def _check_self_forcing(cfg) -> None:
+    """Combinations ``dmd.generator_input: self_forcing`` cannot train (before anything is built)."""
+    sf, why = cfg.dmd.self_forcing, "with dmd.generator_input='self_forcing'"
+    if cfg.train.stage != "dmd":
+        raise ConfigError(f"invalid value for config key 'train.stage': {cfg.train.stage!r}; self-forcing is a DMD "
+                          "input (train.stage=dmd)")
+    if cfg.dmd.teacher == "none":
+        raise ConfigError(f"config key 'dmd.teacher' = 'none' (ODE regression, no DMD) cannot be used {why}; "
+                          "use bidirectional or causal")
+    layout = layout_of(cfg)
+    F = (int(cfg.data.num_frames) - 1) // 4 + 1
+    if len(layout.chunks(F)) < 2:
+        raise ConfigError(f"config key 'model.chunk_size' = {cfg.model.chunk_size} makes one chunk of the {F} latent "
+                          f"frames: a bidirectional generator has no autoregressive rollout to train {why}; use a "
+                          f"chunk size below {F}")
+    R = int(sf.rollout_frames)
+    if R:
+        if R < F:
+            raise ConfigError(f"config key 'dmd.self_forcing.rollout_frames' = {R} is shorter than the {F} latent "
+                              "frames of the training clip (0 = the clip's length)")
+        if R != F and cfg.model.independent_first_frame:
+            raise ConfigError("config key 'dmd.self_forcing.rollout_frames' must be 0 (the clip's length) with "
+                              "model.independent_first_frame=true (the last clip would not start with its own frame)")
+        if (R - F) % int(cfg.model.chunk_size):
+            raise ConfigError(f"config key 'dmd.self_forcing.rollout_frames' = {R}: the {R - F} frames before the "
+                              f"last clip must be whole chunks of model.chunk_size={cfg.model.chunk_size}")
+    if (sf.ts_schedule or sf.ts_schedule_max) and not (sf.same_step_across_blocks or sf.last_step_only):
+        raise ConfigError("config keys 'dmd.self_forcing.ts_schedule' / 'ts_schedule_max' need one exit step for all "
+                          "chunks (dmd.self_forcing.same_step_across_blocks=true)")
 
 
 def _check_source(cfg, allowed: tuple[str, ...], why: str) -> None:
@@ -533,7 +565,8 @@ class DMDStage(ODEStage):
     """Asymmetric distribution matching distillation (CausVid §4.2; reference §5).
 
     generator: the causal student (``train.init_from``, the ODE initialisation), one block-causal forward
-    on inputs chosen by ``dmd.generator_input``; real score: the frozen teacher (``train.teacher_path``)
+    on inputs chosen by ``dmd.generator_input``, or (``self_forcing``) its own KV-cached rollout with gradient
+    through each chunk's exit-step forward (:mod:`causvid.train.rollout`); real score: the frozen teacher (``train.teacher_path``)
     with CFG ``uncond + w (cond - uncond)``, w = ``dmd.real_guidance``, uncond = the negative prompt;
     fake score (critic): a trainable copy of the teacher trained online with the flow loss on generator
     samples. The critic runs in the same mode as the real score (bidirectional, or block-causal with one t
@@ -549,6 +582,8 @@ class DMDStage(ODEStage):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        if cfg.dmd.generator_input == "self_forcing":
+            _check_self_forcing(cfg)
         if cfg.dmd.teacher == "none":
             ODEStage.check_config(cfg)
             return
@@ -561,7 +596,7 @@ class DMDStage(ODEStage):
             _check_source(cfg, ("ode_pairs",), "with dmd.generator_input='ode'")
         else:
             _check_source(cfg, ("latents", "ode_pairs", "toyworld", "prompts"),
-                          "with dmd.generator_input='backward_simulation' (only text is used)")
+                          f"with dmd.generator_input={gi!r} (only text is used)")
 
     def setup(self, cfg, device) -> None:
         if self.ode_only:
@@ -603,7 +638,8 @@ class DMDStage(ODEStage):
     def dataset(self):
         if self.ode_only:
             return super().dataset()
-        want = {"data": "clean", "ode": "ode", "backward_simulation": "text"}[self.cfg.dmd.generator_input]
+        want = {"data": "clean", "ode": "ode", "backward_simulation": "text",
+                "self_forcing": "text"}[self.cfg.dmd.generator_input]
         ds = build_dataset(self.cfg, want)
         if want == "ode":
             self._check_levels(ds)
@@ -640,18 +676,65 @@ class DMDStage(ODEStage):
                            context_noise=float(self.cfg.sampler.context_noise), generator=g)
         return S.add_noise(x0, randn_like(x0, rng), t), t
 
-    def generate(self, batch, models, ctx, rng, g) -> tuple[torch.Tensor, torch.Tensor]:
+    # -- Self-Forcing ----------------------------------------------------------------------------------
+    def rollout_frames(self) -> tuple[int, int]:
+        """(R, F): latent frames rolled out and of the training clip (the last F of the R get gradient)."""
+        F = self._latent_shape()[0]
+        return int(self.cfg.dmd.self_forcing.rollout_frames) or F, F
+
+    def exit_steps(self, step: int, name: str) -> list[int]:
+        """Per-chunk exit steps of the rollout for (step, update): equal on all ranks, reproduced on resume."""
+        sf = self.cfg.dmd.self_forcing
+        R, _ = self.rollout_frames()
+        return draw_exit_steps(int(self.cfg.train.seed), step, name, num_chunks(self.layout, R),
+                               len(student_steps(self.steps)), same_step_across_blocks=bool(sf.same_step_across_blocks),
+                               last_step_only=bool(sf.last_step_only))
+
+    def self_forcing_sample(self, models, ctx, rng, step: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's own KV-cached rollout (rollout.self_forcing_rollout): x0 of the last clip
+        [B, F, C, h, w] (grad through the exit-step forwards when grad mode is on) and its exit levels t [B, F]."""
+        sf, sp = self.cfg.dmd.self_forcing, self.cfg.sampler
+        steps = student_steps(self.steps)
+        R, F = self.rollout_frames()
+        exits = self.exit_steps(step, name)
+        shape = (ctx.shape[0], R, *self._latent_shape()[1:])
+        noise = torch.randn(shape, generator=rng, device=rng.device).to(ctx.device)
+        x = self_forcing_rollout(models["generator"], noise, ctx, layout=self.layout, steps=steps, exit_steps=exits,
+                                 context_noise=float(sp.context_noise), cache_grad=str(sf.cache_grad), grad_frames=F,
+                                 generator=rng, sink_chunks=int(sp.sink_chunks) if sp.window_chunks else 0,
+                                 window_chunks=int(sp.window_chunks))
+        levels = torch.tensor([[steps[k] for k in exits]], dtype=torch.float32)  # [1, n_chunks]
+        t = chunk_to_frames(levels, self.layout, R)[:, R - F:].expand(shape[0], F).to(ctx.device)
+        return x[:, R - F:], t
+
+    def score_range(self, step: int, name: str) -> Optional[tuple[int, int]]:
+        """The uniform-timestep range [lo, hi) of the DMD / critic t (``ts_schedule`` / ``ts_schedule_max``:
+        the exit step's interval), or None for the full range."""
+        sf = self.cfg.dmd.self_forcing
+        if self.cfg.dmd.generator_input != "self_forcing" or not (sf.ts_schedule or sf.ts_schedule_max):
+            return None
+        sc = self.cfg.schedule
+        lo, hi = exit_interval(student_steps(self.steps), self.exit_steps(step, name)[0], float(sc.shift),
+                               int(sc.num_train_timesteps))
+        return (lo if sf.ts_schedule else 0, hi if sf.ts_schedule_max else int(sc.num_train_timesteps))
+
+    def generate(self, batch, models, ctx, rng, g, step: int = 0,
+                 name: str = "generator") -> tuple[torch.Tensor, torch.Tensor]:
         """The generator's x0 [B, F, C, h, w] (grad as the caller's mode allows) and its input levels t [B, F]."""
+        if self.cfg.dmd.generator_input == "self_forcing":
+            return self.self_forcing_sample(models, ctx, rng, step, name)
         x_in, t = self.generator_inputs(batch, models, ctx, rng, g)
         v = models["generator"](x_in, t, ctx, layout=self.layout)
         return S.x0_from_flow(x_in, v, t), t
 
     # -- scores ----------------------------------------------------------------------------------------
-    def score_timesteps(self, g: torch.Generator, batch: int, num_frames: int, device) -> torch.Tensor:
-        """DMD / critic t (§3.5): randint -> shift -> clamp; [B] per video, or [B, F] per chunk (causal scores)."""
+    def score_timesteps(self, g: torch.Generator, batch: int, num_frames: int, device,
+                        u_range: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """DMD / critic t (§3.5): randint -> shift -> clamp; [B] per video, or [B, F] per chunk (causal scores).
+        ``u_range``: draw the uniform integer in [lo, hi) instead of [0, T) (Self-Forcing's ts_schedule)."""
         sc = self.cfg.schedule
         kw = dict(shift=float(sc.shift), min_ratio=float(sc.min_timestep_ratio), max_ratio=float(sc.max_timestep_ratio),
-                  num_train_timesteps=int(sc.num_train_timesteps), generator=g, device=device)
+                  num_train_timesteps=int(sc.num_train_timesteps), generator=g, device=device, u_range=u_range)
         if self.score_layout is None:
             return S.sample_training_timesteps((batch,), **kw)
         t = S.sample_training_timesteps((batch, num_chunks(self.score_layout, num_frames)), **kw)
@@ -669,16 +752,16 @@ class DMDStage(ODEStage):
         g = cpu_generator(rng)
         ctx = self.context_of(batch, models)
         if name == "generator":
-            return self.generator_loss(batch, models, ctx, rng, g)
+            return self.generator_loss(batch, models, ctx, rng, g, step)
         if name == "critic":
-            return self.critic_loss(batch, models, ctx, rng, g)
+            return self.critic_loss(batch, models, ctx, rng, g, step)
         raise KeyError(f"DMD trains 'generator' and 'critic', not {name!r}")
 
-    def generator_loss(self, batch, models, ctx, rng, g):
+    def generator_loss(self, batch, models, ctx, rng, g, step: int = 0):
         """Eq. (5)-(6): DMD gradient ``(fake - real) / mean|x - real|`` through the 0.5 MSE surrogate."""
-        x, t_in = self.generate(batch, models, ctx, rng, g)  # with grad
+        x, t_in = self.generate(batch, models, ctx, rng, g, step, "generator")  # with grad
         B, F = x.shape[:2]
-        t = self.score_timesteps(g, B, F, x.device)
+        t = self.score_timesteps(g, B, F, x.device, self.score_range(step, "generator"))
         eps = randn_like(x, rng)
         with torch.no_grad():
             x_t = S.add_noise(x.detach(), eps, t)
@@ -688,12 +771,12 @@ class DMDStage(ODEStage):
         return loss, {"loss/dmd": float(loss.detach()), "dmd_grad_norm": float(grad.abs().mean()),
                       "t_dmd_mean": float(t.float().mean()), "t_gen_mean": float(t_in.float().mean())}
 
-    def critic_loss(self, batch, models, ctx, rng, g):
+    def critic_loss(self, batch, models, ctx, rng, g, step: int = 0):
         """Eq. (7): the critic's flow-matching loss on a fresh generator sample (generator under no_grad)."""
         with torch.no_grad():
-            x, _ = self.generate(batch, models, ctx, rng, g)
+            x, _ = self.generate(batch, models, ctx, rng, g, step, "critic")
         B, F = x.shape[:2]
-        t = self.score_timesteps(g, B, F, x.device)
+        t = self.score_timesteps(g, B, F, x.device, self.score_range(step, "critic"))
         eps = randn_like(x, rng)
         x_t = S.add_noise(x, eps, t)
         v = models["critic"](x_t, t, ctx, layout=self.score_layout)
