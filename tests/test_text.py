@@ -474,3 +474,24 @@ def test_transformers_umt5_encoder_folder_loads_and_matches(tmp_path, tok_dir):
         got = ours.model(ids, mask)
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_encode_goes_through_forward_hooks_so_a_fsdp2_sharded_encoder_works(tmp_path):
+    """The trainer shards frozen networks with ``blocks`` under FSDP2 (the toy encoder has them); FSDP2 gathers the
+    weights in forward hooks, so ``encode`` must call the module, not ``.forward`` (it failed under FSDP2 with
+    'aten.embedding got mixed torch.Tensor and DTensor'). A one-process gloo group is enough to shard."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    enc = ToyTextEncoder(seed=0)
+    want, _ = enc.encode(["a red circle moving left"])
+    enc.clear_cache()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for blk in enc.blocks:
+            fully_shard(blk)
+        fully_shard(enc)
+        got, _ = enc.encode(["a red circle moving left"])
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(got, want)

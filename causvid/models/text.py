@@ -470,7 +470,8 @@ class TextEncoder(nn.Module):
         ids, mask = self.tokenizer(prompts)  # [B, text_len]
         lens = mask.sum(dim=1)
         n = int(lens.max())  # positions past the longest prompt are masked keys: skip them
-        out = self.forward(ids[:, :n].to(self.device), mask[:, :n].to(self.device)).float()  # [B, n, dim]
+        # through __call__, not .forward: FSDP2 (a sharded frozen toy encoder) gathers its weights in forward hooks
+        out = self(ids[:, :n].to(self.device), mask[:, :n].to(self.device)).float()  # [B, n, dim]
         for b, p in enumerate(prompts):
             self._cache[p] = out[b, : int(lens[b])].clone()
 
