@@ -233,3 +233,23 @@ def test_wan_sizes_match_the_official_parameter_counts():
     """wan_architecture.md section 1: 1,418,996,800 and 14,288,491,584 parameters (counted on meta)."""
     assert MP.dit_param_counts(dit_config("wan2.1-1.3b")).total == 1_418_996_800
     assert MP.dit_param_counts(dit_config("wan2.1-14b")).total == 14_288_491_584
+
+
+def test_build_ode_pairs_dry_run_prints_the_teacher_plan(capsys):
+    """The Wan2.1-1.3B ODE-pair config, without its files: whole fp32 teacher + umT5-XXL (bf16) per process."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("build_ode_pairs", os.path.join("scripts", "build_ode_pairs.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--config", "configs/wan2.1_1.3b/ode_pairs.yaml", "--dry-run", "--device-memory", "24GB",
+                        "ode_pairs.prompts=null", "ode_pairs.num_prompts=2"]) == 0
+    out = capsys.readouterr().out
+    js = json.loads([line for line in out.splitlines() if line.startswith('{"memory_plan"')][0])["memory_plan"]
+    lines = {x["name"]: x["bytes"] for x in js["lines"]}
+    assert lines["weights: teacher"] == 1_418_996_800 * 4 and lines["weights: text encoder"] % 2 == 0
+    assert js["fits"] is True and "fits in 24.00 GiB" in out
+    assert script.main(["--config", "configs/wan2.1_1.3b/ode_pairs.yaml", "--dry-run", "--device-memory", "lots",
+                        "ode_pairs.prompts=null"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device-memory 'lots'")

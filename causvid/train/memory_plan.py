@@ -36,7 +36,8 @@ from causvid.config import ConfigError
 from causvid.models.registry import DiTConfig, dit_config
 
 __all__ = ["LaunchSetup", "MemoryPlan", "PlanLine", "parse_memory_size", "plan_memory", "block_activation_bytes",
-           "root_activation_bytes", "dit_param_counts", "add_arguments", "launch_from_args", "dry_run_plan"]
+           "root_activation_bytes", "dit_param_counts", "add_arguments", "launch_from_args", "dry_run_plan",
+           "plan_ode_pairs", "print_plan"]
 
 GiB = 1024 ** 3
 _UNITS = {"": None, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2, "mib": 1024 ** 2,
@@ -285,13 +286,16 @@ class MemoryPlan:
         return int(nbytes)
 
     @property
-    def train_peak(self) -> int:
-        return self.peaks["train (checkpointing on)" if self.checkpointing else "train (checkpointing off)"]
+    def counted(self) -> list[str]:
+        """The peaks the run reaches: setup and the training step at the config's checkpointing."""
+        if "teacher sampling" in self.peaks:
+            return ["teacher sampling"]
+        return ["setup", "train (checkpointing on)" if self.checkpointing else "train (checkpointing off)"]
 
     @property
     def peak(self) -> int:
-        """The run's per-device peak: max(setup, training step at the config's checkpointing) + the reserve."""
-        return max(self.train_peak, self.peaks["setup"]) + self.reserve
+        """The run's per-device peak: the largest counted peak + the reserve."""
+        return max(self.peaks[k] for k in self.counted) + self.reserve
 
     @property
     def fits(self) -> Optional[bool]:
@@ -311,6 +315,8 @@ class MemoryPlan:
     def table(self) -> str:
         la = self.launch
         dist = f"FSDP2 x{la.world_size}" if la.shards > 1 else f"DDP x{la.world_size}" if la.ddp else "1 process"
+        if self.stage == "ode_pairs":
+            dist = f"{la.world_size} process(es), each with the whole teacher"
         out = [f"memory plan per device: stage {self.stage}, {dist}, {la.device} (launch from {la.source})",
                f"{'':2}{'item':<50}{'GiB':>9}  note"]
         titles = {"resident": "resident for the whole run",
@@ -324,8 +330,7 @@ class MemoryPlan:
                 out += [f"  {x.name:<50}{x.bytes / GiB:>9.2f}  {x.note}" for x in rows]
         out.append("peaks:")
         for k, v in self.peaks.items():
-            mark = " <- this config" if k == ("train (checkpointing on)" if self.checkpointing
-                                               else "train (checkpointing off)") else ""
+            mark = " <- this config" if k in self.counted and k != "setup" else ""
             out.append(f"  {k:<50}{v / GiB:>9.2f}{mark}")
         if self.reserve:
             out.append(f"  {'+ CUDA context / allocator reserve':<50}{self.reserve / GiB:>9.2f}")
@@ -493,6 +498,31 @@ def plan_memory(cfg, launch: LaunchSetup = LaunchSetup(), *, device_memory: Opti
     return plan
 
 
+def plan_ode_pairs(cfg, launch: LaunchSetup = LaunchSetup(), *, batch_size: Optional[int] = None,
+                   device_memory: Optional[int] = None) -> MemoryPlan:
+    """``scripts/build_ode_pairs.py``: every process holds the whole frozen teacher (``model.dtype``) and the text
+    encoder, and runs no-grad forwards (CFG branches one after the other) on ``batch_size`` videos; one block's
+    saved-set size bounds a no-grad block's working set. Trajectory states go to the CPU as they are produced."""
+    from causvid.ode_pairs import latent_shape_from_config
+
+    d = dit_config(cfg.model.size, cfg.model.num_layers)
+    counts = dit_param_counts(d)
+    plan = MemoryPlan(launch, "ode_pairs", reserve=CUDA_RESERVE if launch.device == "cuda" else 0,
+                      device_memory=device_memory)
+    B = int(batch_size or cfg.train.batch_size)
+    text_params, text_src = text_encoder_params(cfg, d)
+    text_dtype = str(cfg.text.dtype or ("bfloat16" if cfg.text.kind == "umt5" else "float32"))
+    total = plan.add("resident", "weights: teacher", _nbytes(counts.total, str(cfg.model.dtype)),
+                     f"{counts.total / 1e9:.3f}B params, frozen {cfg.model.dtype}, whole on every process")
+    total += plan.add("resident", "weights: text encoder", _nbytes(text_params, text_dtype),
+                      f"{text_params / 1e9:.3f}B params, {text_dtype}, {text_src}")
+    acts = dit_activations(d, B, latent_shape_from_config(cfg), bf16=str(cfg.model.dtype) == "bfloat16",
+                           attention="full")
+    total += plan.add("update", "one block's working set (no-grad forward)", acts.block, f"batch {B}")
+    plan.peaks = {"teacher sampling": total}
+    return plan
+
+
 def _sampling_lines(plan: MemoryPlan, cfg, d: DiTConfig, counts: DiTCounts) -> None:
     """CausalSampler at ``sampler.num_frames``: student weights (``model.dtype``), KV caches, cross caches."""
     from causvid.models.vae import vae_arch
@@ -539,13 +569,17 @@ def launch_from_args(args, env: Mapping[str, str] = os.environ) -> LaunchSetup:
                        "command line" if changed else base.source)
 
 
-def dry_run_plan(cfg, args, env: Mapping[str, str] = os.environ) -> MemoryPlan:
-    """Parse the plan's options (ConfigError with one line on bad input) and compute the plan."""
+def dry_run_plan_size(args) -> Optional[int]:
+    """``--device-memory`` in bytes (None when absent); ConfigError with one line on bad input."""
     try:
-        size = parse_memory_size(args.device_memory) if getattr(args, "device_memory", None) is not None else None
+        return parse_memory_size(args.device_memory) if getattr(args, "device_memory", None) is not None else None
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return plan_memory(cfg, launch_from_args(args, env), device_memory=size)
+
+
+def dry_run_plan(cfg, args, env: Mapping[str, str] = os.environ) -> MemoryPlan:
+    """Parse the plan's options (ConfigError with one line on bad input) and compute the plan."""
+    return plan_memory(cfg, launch_from_args(args, env), device_memory=dry_run_plan_size(args))
 
 
 def print_plan(plan: MemoryPlan) -> None:
