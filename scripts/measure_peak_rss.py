@@ -17,9 +17,12 @@ import json
 import os
 import sys
 
-import torch  # noqa: F401  (part of the baseline)
+# everything a trainer imports before it builds anything is part of the baseline
+import accelerate  # noqa: F401
+import torch  # noqa: F401
 
-from causvid.train import stages  # noqa: F401  (part of the baseline)
+from causvid.models import dit, text, vae, weights  # noqa: F401
+from causvid.train import stages  # noqa: F401
 from causvid.train import trainer as T
 
 
