@@ -52,8 +52,24 @@ def main() -> int:
             finally:
                 peak = _status_bytes("VmHWM")
                 record["phases"][name] = max(record["phases"].get(name, 0), peak)
+                record.setdefault("probes", []).append(
+                    {"after": name, **{k: _status_bytes(k) for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}})
         return wrapped
 
+    def probe(name: str, fn):  # RSS (anonymous / file-backed) after ``fn``, inside a phase: no reset
+        def wrapped(*a, **kw):
+            out = fn(*a, **kw)
+            record.setdefault("probes", []).append(
+                {"after": name, **{k: _status_bytes(k) for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}})
+            return out
+        return wrapped
+
+    from causvid.train import parallel
+
+    stages.DMDStage.setup = probe("DMDStage.setup", stages.DMDStage.setup)
+    stages.ODEStage.setup = probe("ODEStage.setup", stages.ODEStage.setup)
+    T.parallel.prepare_trainable = probe("prepare_trainable", parallel.prepare_trainable)
+    T.parallel.prepare_frozen = probe("prepare_frozen", parallel.prepare_frozen)
     T.Trainer._build = phase("setup", T.Trainer._build)
     T.Trainer._update = phase("train", T.Trainer._update)
     T.Trainer.save = phase("save", T.Trainer.save)

@@ -318,7 +318,7 @@ class MemoryPlan:
         if self.stage == "ode_pairs":
             dist = f"{la.world_size} process(es), each with the whole teacher"
         out = [f"memory plan per device: stage {self.stage}, {dist}, {la.device} (launch from {la.source})",
-               f"{'':2}{'item':<50}{'GiB':>9}  note"]
+               f"{'':2}{'item':<64}{'GiB':>9}  note"]
         titles = {"resident": "resident for the whole run",
                   "update": "transient in the largest update",
                   "setup": "setup: networks loaded whole before sharding",
@@ -327,14 +327,14 @@ class MemoryPlan:
             rows = [x for x in self.lines if x.section == sec]
             if rows:
                 out.append(f"{titles[sec]}:")
-                out += [f"  {x.name:<50}{x.bytes / GiB:>9.2f}  {x.note}" for x in rows]
+                out += [f"  {x.name:<64}{x.bytes / GiB:>9.2f}  {x.note}" for x in rows]
         out.append("peaks:")
         for k, v in self.peaks.items():
             mark = " <- this config" if k in self.counted and k != "setup" else ""
-            out.append(f"  {k:<50}{v / GiB:>9.2f}{mark}")
+            out.append(f"  {k:<64}{v / GiB:>9.2f}{mark}")
         if self.reserve:
-            out.append(f"  {'+ CUDA context / allocator reserve':<50}{self.reserve / GiB:>9.2f}")
-        out.append(f"  {'per-device peak':<50}{self.peak / GiB:>9.2f}")
+            out.append(f"  {'+ CUDA context / allocator reserve':<64}{self.reserve / GiB:>9.2f}")
+        out.append(f"  {'per-device peak':<64}{self.peak / GiB:>9.2f}")
         if self.device_memory is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             out.append(f"{verdict} in {_human(self.device_memory)} ({_human(self.device_memory - self.peak)} to spare)")
@@ -487,8 +487,17 @@ def plan_memory(cfg, launch: LaunchSetup = LaunchSetup(), *, device_memory: Opti
     if W > 1:
         first_shard = plan.add("setup", "a network's shard, while its whole weights are still held",
                                _nbytes(counts.total, "float32") // W)
+    # Under a multi-process CPU launch accelerate's device is ``cpu:0``, and ``Tensor.to("cpu:0")`` copies: the stages'
+    # ``.to(device)`` turns every memory-mapped weight file into a copy, both resident while it is made (measured,
+    # docs/wan2.1.md). A single CPU process maps the files without copying (pages resident as they are touched), and
+    # on GPUs the file pages are host memory.
+    file_pages = 0
+    if launch.device == "cpu" and launch.world_size > 1:
+        file_pages = plan.add("setup", "file pages of the weights being copied (CPU launch: device cpu:0)",
+                              max(text_setup, _nbytes(counts.total, "float32")))
     resident_text = text_setup if roles["text_resident"] else 0
-    plan.peaks["setup"] = whole + max(text_setup, first_shard + resident_text)
+    plan.peaks["setup"] = whole + max(text_setup + min(file_pages, text_setup), first_shard + resident_text,
+                                      file_pages)
     if W > 1 and plan.peaks["setup"] > plan.peaks["train (checkpointing on)"]:
         plan.notes.append("the setup peak dominates: every rank loads each network whole before sharding it "
                           "(causvid/train/stages.py load_network, then causvid/train/parallel.py)")
