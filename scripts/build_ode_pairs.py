@@ -37,6 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="write at most this many shards per process, then stop")
     p.add_argument("--dry-run", action="store_true", help="print the plan (prompts, seeds, stored levels, shards)")
     p.add_argument("--no-progress", action="store_true")
+    from causvid.train.memory_plan import add_arguments
+
+    add_arguments(p)  # the per-device memory plan printed by --dry-run
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. ode_pairs.num_prompts=16")
     return p.parse_args(argv)
 
@@ -78,6 +81,11 @@ def main(argv=None) -> int:
         if cfg.ode_pairs.prompts and not os.path.isfile(cfg.ode_pairs.prompts):
             raise ConfigError(f"config key 'ode_pairs.prompts' = {cfg.ode_pairs.prompts!r}: no such file")
         prompts = OP.prompts_from_config(cfg)
+        if args.dry_run:
+            from causvid.train import memory_plan as MP
+
+            mem = MP.plan_ode_pairs(cfg, MP.launch_from_args(args), batch_size=args.batch_size,
+                                    device_memory=MP.dry_run_plan_size(args))
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -92,6 +100,8 @@ def main(argv=None) -> int:
             d = dit_config(cfg.model.size, cfg.model.num_layers)
             plan = OP.ode_plan(prompts, settings, d.text_len, d.text_dim)
             print(f"already done: {plan.num_shards - len(SH.missing_shards(out, plan))} of {plan.num_shards} shards")
+        if state.is_main_process:
+            MP.print_plan(mem)
         return 0
     try:
         _check_files(cfg)

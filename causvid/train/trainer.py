@@ -47,7 +47,7 @@ from causvid.config import ConfigError, load_config, validate
 from causvid.validate import TRAIN_PATH_KEYS, check_run
 
 from . import checkpoint as ckpt
-from . import parallel
+from . import memory_plan, parallel
 from .data import ResumableLoader, ResumableSampler, mix_seed
 from .ema import EMA
 from .lr import lr_multiplier
@@ -621,7 +621,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "Train a
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", help="run config YAML (deltas from causvid/config.py defaults)")
     p.add_argument("--resume", help="auto | latest | never | <path to checkpoint-N> (sets train.resume)")
-    p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan; build nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan (with the per-device "
+                   "memory plan, causvid/train/memory_plan.py); build nothing")
+    memory_plan.add_arguments(p)
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.max_steps=10 model.size=tiny")
     return p.parse_args(argv)
 
@@ -639,6 +641,7 @@ def main(argv: Optional[Sequence[str]] = None, *, allowed_stages: Optional[Seque
                               f"{list(allowed_stages)} (set train.stage=... or use scripts/train_dmd.py)")
         torch.set_flush_denormal(True)
         trainer = Trainer(cfg)
+        plan = memory_plan.dry_run_plan(cfg, args) if args.dry_run else None
     except (ConfigError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -647,6 +650,7 @@ def main(argv: Optional[Sequence[str]] = None, *, allowed_stages: Optional[Seque
         print(f"stage: {trainer.stage.name} ({type(trainer.stage).__name__})")
         print(f"output_dir: {trainer.output_dir}")
         print(f"resume: {trainer.resume_path or 'fresh start'} (train.resume={cfg.train.resume})")
+        memory_plan.print_plan(plan)
         return 0
     try:
         trainer.acquire_lock()
