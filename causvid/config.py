@@ -351,6 +351,10 @@ def _validate_lora(cfg: DictConfig) -> None:
     if lo.rank > 0 and cfg.train.stage not in ("ode", "dmd"):
         raise ConfigError(f"config key 'model.lora.rank' = {lo.rank}: LoRA training applies to train.stage ode | dmd, "
                           f"not {cfg.train.stage!r} (set model.lora.rank=0)")
+    if lo.rank > 0 and cfg.train.stage == "dmd" and cfg.dmd.teacher != "none" and cfg.model.gradient_checkpointing:
+        raise ConfigError("config key 'model.gradient_checkpointing' cannot be combined with model.lora.rank > 0 in "
+                          "DMD: the critic's adapter sits on the teacher's weights, and a block recomputed in the "
+                          "backward pass would run with the adapter of the role that ran last")
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:

@@ -298,13 +298,8 @@ def dmd_networks(cfg, device, dtype: torch.dtype) -> tuple[nn.Module, nn.Module,
         tensors, meta = read_adapter(adapters)
         if meta.get("base_sha256") == shared.sha256:
             same, init = True, tensors  # the generator continues a LoRA run on the teacher (e.g. the ODE stage)
-    if bool(cfg.model.gradient_checkpointing):
-        if same:
-            raise ConfigError("config key 'model.gradient_checkpointing' cannot be combined with model.lora.rank > 0 "
-                              "in DMD when the generator shares the teacher's weights (recomputed blocks would run "
-                              "with another role's adapter)")
-        raise ConfigError("config key 'model.gradient_checkpointing' cannot be combined with model.lora.rank > 0 "
-                          "in DMD (the critic shares the teacher's weights)")
+    if bool(cfg.model.gradient_checkpointing):  # refused by causvid.config.validate already
+        raise ConfigError("config key 'model.gradient_checkpointing' cannot be combined with LoRA DMD")
     if same:
         generator = shared.add("generator", config, init=init)
     else:
