@@ -79,7 +79,7 @@ def weights_sha256(model: nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -247,8 +247,9 @@ class LoRANetwork(nn.Module):
         """A plain :class:`WanDiT` (CPU) with this role's adapter merged into the base weights."""
         from causvid.models.dit import WanDiT
 
-        model = WanDiT(self.shared.net.cfg)
-        model.load_state_dict({k: v.cpu() for k, v in self.shared.merged_state_dict(self.role).items()})
+        with torch.device("meta"):  # no random init, no second copy: the merged tensors are assigned
+            model = WanDiT(self.shared.net.cfg)
+        model.load_state_dict({k: v.cpu() for k, v in self.shared.merged_state_dict(self.role).items()}, assign=True)
         return model.eval()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
