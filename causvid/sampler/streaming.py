@@ -532,18 +532,18 @@ class CausalSampler:
         try:
             for c, (f0, f1) in enumerate(self._chunk_ranges(total)):
                 n, a = f1 - f0, start_frame + f0
-                switch = None  # None, or whether this chunk's prompt switch re-caches
+                switch = None  # None, or (the new context, whether this switch re-caches)
                 if c > 0 and live is not None:
                     change = live.take(c)
                     if change is not None:
-                        contexts[c], switch = self.encode_prompts([change.prompt]), change.recache
+                        switch = self.encode_prompts([change.prompt]), change.recache
                 elif c > 0 and c in sched:
-                    switch = recache
+                    switch = contexts[c], recache
                 if switch is not None:  # prompt switch: new cross-attention K/V (and optionally re-cached context)
                     br = branches[0]
-                    br.context = contexts[c]
+                    br.context, switch_recache = switch
                     br.cross.clear()
-                    if switch and resident:
+                    if switch_recache and resident:
                         br.kv.reset()  # replay the refresh passes of the resident chunks, in order, with the new text
                         for r in resident:
                             refresh(r.x, r.t, r.start, only=[br])
