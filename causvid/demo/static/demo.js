@@ -142,6 +142,7 @@ function onMessage(msg) {
       for (const w of msg.switches) {
         demo.switches.push(w);
         addHistory(`frame ${w.frame} (chunk ${w.chunk}): ${w.prompt}${w.recache ? " [re-cached]" : ""}`);
+        setStatus(`from frame ${w.frame} on: "${w.prompt.slice(0, 80)}"${w.recache ? " (cache re-computed)" : ""}`);
       }
       break;
     case "queued":
