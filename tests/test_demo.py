@@ -239,6 +239,8 @@ def test_demo_in_a_real_browser(server):
     first_after = sw["frame"]
     wait_for(lambda: demo_state(d)["shown"] >= first_after + 18, 30, "frames after the switch to play")
     idx, shown = canvas(d)
+    shot = os.environ.get("CAUSVID_DEMO_SCREENSHOT") or str(server["tmp"] / "demo.png")
+    assert d.save_screenshot(shot) and os.path.getsize(shot) > 5000  # while it streams the new prompt
     n_chunks = sw["chunk"] + 3
     ref_new = reference(folder, {0: P1, sw["chunk"]: P2}, n_chunks, seed, True, window, sink)
     ref_old = reference(folder, P1, n_chunks, seed, False, window, sink)
@@ -253,8 +255,6 @@ def test_demo_in_a_real_browser(server):
     print(f"switch at frame {first_after}: frame {idx} differs from the sampler's frame by {err_new:.3f}, "
           f"from the old prompt's by {err_old:.3f} (mean |diff| of 255)")
     assert "chunk" in d.find_element("id", "history").text and P2 in d.find_element("id", "history").text
-    shot = os.environ.get("CAUSVID_DEMO_SCREENSHOT") or str(server["tmp"] / "demo.png")
-    assert d.save_screenshot(shot) and os.path.getsize(shot) > 5000
 
     print(f'[{time.time() - T0:.1f} s] section 3')
     # -- 3. a second tab, bad input first, then a concurrent stream --------------------------------------------------
