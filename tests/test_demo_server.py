@@ -177,6 +177,26 @@ def test_busy_bad_input_and_disconnect_frees_the_cache(client):
         assert recv_json(b)["type"] == "started"
 
 
+def test_a_stream_ends_at_the_length_limit():
+    s = make_sampler()
+    manager = StreamManager(s, Limits(max_stream_seconds=3.0), frame_format="jpeg")  # 24 frames at 8 fps
+    with TestClient(create_app(manager)) as c, c.websocket_connect("/ws") as ws:
+        recv_json(ws)
+        ws.send_text(json.dumps({"type": "start", "prompt": P1}))
+        recv_json(ws)
+        n = 0
+        while True:
+            msg = recv_json(ws)
+            if msg["type"] == "stopped":
+                break
+            assert msg["type"] == "chunk"
+            n += msg["frames"]
+            [ws.receive_bytes() for _ in range(msg["frames"])]
+            ws.send_text(json.dumps({"type": "played", "frames": n}))
+        assert n == 33 and msg["frames"] == 33 and "length limit: 3 s of video" in msg["reason"]
+        assert manager.stats()["streams"] == 0
+
+
 def test_settings_checks():
     lim, d = Limits(), StreamSettings("", 0, 3, 6, 1, False)
     s = parse_start({"type": "start", "prompt": "  a red circle  ", "seed": "7", "steps": 2.0}, lim, 3, d)

@@ -30,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-prompt-chars", type=int, default=1000)
     p.add_argument("--lead", type=float, default=1.0, help="seconds generation may run ahead of playback")
     p.add_argument("--record-seconds", type=float, default=600.0, help="seconds kept per tab for the mp4 download")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="seconds of video after which a stream ends")
     p.add_argument("--format", default="jpeg", choices=["jpeg", "png"], help="frame encoding on the wire")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (1-100)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -38,8 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--port must be in [1, 65535], got {args.port}")
     if not 1 <= args.quality <= 100:
         p.error(f"--quality must be in [1, 100], got {args.quality}")
-    if args.max_streams < 1 or args.max_prompt_chars < 1 or args.lead < 0 or args.record_seconds <= 0:
-        p.error("--max-streams and --max-prompt-chars must be >= 1, --lead >= 0, --record-seconds > 0")
+    if args.max_streams < 1 or args.max_prompt_chars < 1 or args.lead < 0 or args.record_seconds <= 0 \
+            or args.max_seconds <= 0:
+        p.error("--max-streams and --max-prompt-chars must be >= 1, --lead >= 0, --record-seconds and "
+                "--max-seconds > 0")
     return args
 
 
@@ -74,7 +77,7 @@ def build_manager(args):
     folder = resolve_model(args.model)
     sampler = CausalSampler.from_pretrained(folder, device=args.device, dtype=args.dtype, overrides=list(args.set))
     limits = Limits(max_streams=args.max_streams, max_prompt_chars=args.max_prompt_chars, lead_seconds=args.lead,
-                    record_seconds=args.record_seconds)
+                    record_seconds=args.record_seconds, max_stream_seconds=args.max_seconds)
     return StreamManager(sampler, limits, frame_format=args.format, quality=args.quality,
                          model_name=os.path.basename(os.path.abspath(folder)) if folder != args.model
                          else os.path.abspath(folder))

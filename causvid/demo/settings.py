@@ -25,14 +25,15 @@ class Limits:
     max_seed: int = 2**31 - 1
     record_seconds: float = 600.0  # frames kept per tab for the mp4 download (the last ones past it are dropped)
     lead_seconds: float = 1.0  # how far generation may run ahead of playback (plus one chunk)
+    max_stream_seconds: float = 600.0  # a stream ends after this much video (frees its slot for others)
 
     def __post_init__(self):
         if self.max_streams < 1:
             raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
         if self.max_prompt_chars < 1 or self.max_window < 1 or self.max_sink < 0:
             raise ValueError("max_prompt_chars and max_window must be >= 1, max_sink >= 0")
-        if self.lead_seconds < 0 or self.record_seconds <= 0:
-            raise ValueError("lead_seconds must be >= 0 and record_seconds > 0")
+        if self.lead_seconds < 0 or self.record_seconds <= 0 or self.max_stream_seconds <= 0:
+            raise ValueError("lead_seconds must be >= 0, record_seconds and max_stream_seconds > 0")
 
 
 @dataclass(frozen=True)

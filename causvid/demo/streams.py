@@ -326,6 +326,9 @@ class StreamManager:
         if len(session.frames) > cap:  # keep the first frames (what "download" replays from the start)
             session.frames_dropped += len(session.frames) - cap
             del session.frames[cap:]
+        if st.sent >= self.limits.max_stream_seconds * self.sampler.fps:
+            self._stop_locked(st, f"length limit: {self.limits.max_stream_seconds:g} s of video per stream "
+                                  "(--max-seconds)")
 
     def _close(self, st: Stream) -> None:
         if st.gen is not None:
