@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from causvid.demo.app import create_app  # noqa: E402
 from causvid.demo.streams import StreamManager  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -208,3 +211,22 @@ def test_settings_checks():
     assert step_subset([1000, 757, 522], 2) == [1000.0, 522.0] and step_subset([9, 5, 3, 1], 3) == [9.0, 3.0, 1.0]
     with pytest.raises(ValueError, match="max_streams"):
         Limits(max_streams=0)
+
+
+def test_cli_checks(tmp_path, capsys):
+    from causvid.demo import cli
+
+    with pytest.raises(SystemExit, match="no export folder"):
+        cli.resolve_model(str(tmp_path))
+    (tmp_path / "dmd" / "final").mkdir(parents=True)
+    for f in ("config.yaml", "model.safetensors"):
+        (tmp_path / "dmd" / "final" / f).write_text("")
+    assert cli.resolve_model(str(tmp_path)) == str(tmp_path / "dmd" / "final")
+    assert cli.parse_args(["--model", "x"]).host == "127.0.0.1"  # localhost by default
+    assert cli.is_loopback("127.0.0.1") and cli.is_loopback("::1") and not cli.is_loopback("0.0.0.0")
+    for bad in (["--port", "0"], ["--quality", "101"], ["--max-streams", "0"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--model", "x", *bad])
+        assert "must be" in capsys.readouterr().err
+    script = open(os.path.join(ROOT, "scripts", "demo.py")).read()
+    assert "from causvid.demo.cli import main" in script and len(script.splitlines()) < 30  # thin
