@@ -208,7 +208,8 @@ class StreamManager:
         with self._cond:
             if session.stream is not None:  # a new start replaces the tab's stream (its slot is freed with it)
                 self._stop_locked(session.stream, "restarted")
-            busy = [st for st in self._streams if st.session is not session]
+            # streams being closed (their chunk in flight is dropped) no longer count
+            busy = [st for st in self._streams if st.session is not session and not st.stopping]
             if len(busy) >= self.limits.max_streams:
                 raise Busy(f"busy: {len(busy)} stream(s) are running, the limit of this server "
                            f"(--max-streams {self.limits.max_streams}); try again when one stops")
