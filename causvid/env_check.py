@@ -15,6 +15,9 @@ from importlib import metadata
 from pathlib import Path
 
 IGNORED = {"causvid"}  # the project itself, installed from the working tree
+# The installer, not a dependency: the README's install runs with the pip a new venv brings, while .ci/run first
+# upgrades it to the pin (for a reproducible resolver); another pip version is reported as a note, not a difference.
+TOOLING = {"pip"}
 
 
 def canonical(name: str) -> str:
@@ -49,7 +52,7 @@ def installed() -> dict[str, str]:
 def differences(pins: dict[str, str], have: dict[str, str]) -> list[str]:
     """One line per installed distribution that is unpinned or at another version than its pin."""
     out = []
-    for name in sorted(set(have) - IGNORED):
+    for name in sorted(set(have) - IGNORED - TOOLING):
         if name not in pins:
             out.append(f"{name}=={have[name]} is installed but not pinned")
         elif public_version(have[name]) != public_version(pins[name]):
@@ -67,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    diff = differences(pins, installed())
+    have = installed()
+    for name in sorted(TOOLING & set(have) & set(pins)):
+        if public_version(have[name]) != public_version(pins[name]):
+            print(f"env_check: note: {name}=={have[name]} runs here, {name}=={pins[name]} ran in CI (the installer "
+                  f"is not a dependency: `pip install -c {args[0]} --upgrade pip` to match)", file=sys.stderr)
+    diff = differences(pins, have)
     for line in diff:
         print(f"env_check: {line}", file=sys.stderr)
     if diff:

@@ -28,6 +28,8 @@ def test_differences_hand_made():
     pins = {"torch": "2.14.1", "numpy": "2.4.6", "nvidia-cublas": "13.1.1.3"}
     # the CPU wheel of the pinned torch matches; a pin that is not installed (CUDA libs) is fine
     assert env_check.differences(pins, {"torch": "2.14.1+cpu", "numpy": "2.4.6", "causvid": "0.1.0"}) == []
+    # the installer a new venv brings (the README's install does not upgrade it) is not a dependency
+    assert env_check.differences({**pins, "pip": "26.3"}, {"torch": "2.14.1", "numpy": "2.4.6", "pip": "23.2.1"}) == []
     assert env_check.differences(pins, {"torch": "2.15.0", "numpy": "2.4.6", "rich": "14.0.0"}) == [
         "rich==14.0.0 is installed but not pinned",
         "torch==2.15.0 is installed, torch==2.14.1 is pinned",
