@@ -29,6 +29,25 @@ class ConfigError(ValueError):
     """A configuration problem found before anything was built. The message names the key."""
 
 
+# LoRA target names (``model.lora.targets``): a group of block linear layers or one of them (original Wan names)
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "self_attn": ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o"),
+    "cross_attn": ("cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o"),
+    "ffn": ("ffn.0", "ffn.2"),
+    **{n: (n,) for n in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                         "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")},
+}
+
+
+@dataclass
+class LoRAConfig:
+    """peft LoRA adapters on the trained networks of the ode / dmd stages (docs/training.md); rank 0: off."""
+
+    rank: int = 0  # r of every adapted layer; 0 trains the full weights
+    alpha: Optional[float] = None  # the delta is alpha / r * B @ A; None: alpha = r (scale 1)
+    targets: List[str] = field(default_factory=lambda: ["self_attn", "cross_attn", "ffn"])  # keys of LORA_TARGETS
+
+
 @dataclass
 class ModelConfig:
     """The DiT used by every role (teacher, critic, causal student)."""
@@ -40,6 +59,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # per-block activation checkpointing
     attention: str = "auto"  # auto | sdpa | flex  (auto: flex on CUDA, sdpa on CPU)
     dtype: str = "float32"  # compute dtype of the DiT: float32 | bfloat16
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -295,6 +315,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'model.num_layers' must be >= 1 (or null), got {cfg.model.num_layers}")
     if cfg.model.chunk_size < 1:
         raise ConfigError("config key 'model.chunk_size' must be >= 1")
+    _validate_lora(cfg)
     d = cfg.data
     if d.num_frames < 1 or (d.num_frames - 1) % 4 != 0:
         raise ConfigError(f"config key 'data.num_frames' must be 1 + 4n (the VAE compresses time 4x), got {d.num_frames}")
@@ -332,6 +353,27 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("config key 'dmd.update_ratio' must be >= 1")
     if cfg.sampler.window_chunks < 0 or cfg.sampler.sink_chunks < 0:
         raise ConfigError("config keys 'sampler.window_chunks' / 'sampler.sink_chunks' must be >= 0")
+
+
+def _validate_lora(cfg: DictConfig) -> None:
+    lo = cfg.model.lora
+    if lo.rank < 0:
+        raise ConfigError(f"config key 'model.lora.rank' must be >= 0 (0: no LoRA, full fine-tuning), got {lo.rank}")
+    if lo.alpha is not None and not lo.alpha > 0:
+        raise ConfigError(f"config key 'model.lora.alpha' must be > 0 (or null: alpha = rank), got {lo.alpha}")
+    targets = list(lo.targets)
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad:
+        raise ConfigError(f"invalid value for config key 'model.lora.targets': {bad}; valid: {list(LORA_TARGETS)}")
+    if lo.rank > 0 and not targets:
+        raise ConfigError("config key 'model.lora.targets' is empty: name at least one layer group, e.g. [ffn]")
+    if lo.rank > 0 and cfg.train.stage not in ("ode", "dmd"):
+        raise ConfigError(f"config key 'model.lora.rank' = {lo.rank}: LoRA training applies to train.stage ode | dmd, "
+                          f"not {cfg.train.stage!r} (set model.lora.rank=0)")
+    if lo.rank > 0 and cfg.train.stage == "dmd" and cfg.dmd.teacher != "none" and cfg.model.gradient_checkpointing:
+        raise ConfigError("config key 'model.gradient_checkpointing' cannot be combined with model.lora.rank > 0 in "
+                          "DMD: the critic's adapter sits on the teacher's weights, and a block recomputed in the "
+                          "backward pass would run with the adapter of the role that ran last")
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:

@@ -9,7 +9,9 @@
   ``AutoencoderKLWan``;
 - ``lora``: the student minus its base (the teacher) by truncated SVD, in the key format of the CausVid LoRA for
   Wan2.1 that ComfyUI and diffusers' ``WanPipeline.load_lora_weights`` read (:mod:`causvid.lora_extract`), with a
-  ``lora_report.json`` of the relative reconstruction error per layer.
+  ``lora_report.json`` of the relative reconstruction error per layer; a run trained with LoRA
+  (``model.lora.rank``, :mod:`causvid.train.lora`) has its adapters in that format already: they are written as
+  trained (exact, against the base they were trained on) unless ``--base`` / ``--rank`` / ``--energy`` ask for an SVD.
 
 Both hold the run's ``config.yaml`` and a ``README.md`` model card. Fields that the official ``config.json`` does not
 carry (``text_dim``, ``patch_size``, ... take constructor defaults there) are kept under ``_causvid`` (keys starting
@@ -55,6 +57,7 @@ class ExportSource:
     folder: str
     metrics: Optional[dict] = None  # the run's eval/metrics.json summary, when there is one
     lora: Optional[dict] = None  # filled by a LoRA export: its lora_report.json
+    adapter: Optional[str] = None  # the trained peft adapters next to the weights (model.lora.safetensors), if any
 
 
 def open_source(path: str) -> ExportSource:
@@ -80,7 +83,10 @@ def open_source(path: str) -> ExportSource:
             with open(m) as f:
                 metrics = json.load(f).get("summary")
             break
-    return ExportSource(model=model, config=cfg, folder=folder, metrics=metrics)
+    from causvid.train.lora import adapter_path
+
+    adapter = adapter_path(weights) if os.path.isfile(adapter_path(weights)) else None
+    return ExportSource(model=model, config=cfg, folder=folder, metrics=metrics, adapter=adapter)
 
 
 def _check_representable(cfg: DiTConfig) -> None:
@@ -175,6 +181,7 @@ class LoraOptions:
     base: Optional[str] = None  # DiT weights; default: the run config's train.teacher_path
     rank: Optional[int] = 32
     energy: Optional[float] = None
+    trained: bool = True  # a LoRA-trained source: emit its adapters as trained (exact) instead of an SVD
 
 
 def export(source: ExportSource, out: str, fmt: str, *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -232,6 +239,8 @@ def lora_base_path(source: ExportSource, opts: LoraOptions) -> str:
 def _write_lora(source: ExportSource, opts: LoraOptions, folder: str, dtype: torch.dtype) -> dict:
     from causvid.lora_extract import diffusers_skips, extract_lora
 
+    if source.adapter is not None and opts.trained:
+        return _write_trained_lora(source, folder, dtype)
     base_path = lora_base_path(source, opts)
     base = load_dit(base_path)
     if base.cfg != source.model.cfg:
@@ -245,6 +254,24 @@ def _write_lora(source: ExportSource, opts: LoraOptions, folder: str, dtype: tor
     summary = {"file": name, "base": os.path.abspath(base_path), "rank": report.rank, "energy": opts.energy,
                "relative_error_total": report.total, "relative_error_per_layer": report.per_layer,
                "full_deltas": report.full_deltas,
+               "ignored_by_diffusers": sorted(k for k in tensors if diffusers_skips(k))}
+    atomic_write_json(os.path.join(folder, "lora_report.json"), summary)
+    return summary
+
+
+def _write_trained_lora(source: ExportSource, folder: str, dtype: torch.dtype) -> dict:
+    """The adapters a LoRA run trained (``model.lora.rank``), already in the CausVid LoRA key format: written as
+    they are (cast to ``dtype``), against the base they were trained on (exact: no SVD)."""
+    from causvid.lora_extract import diffusers_skips
+    from causvid.train.lora import read_adapter
+
+    tensors, meta = read_adapter(source.adapter)
+    rank = int(meta["rank"])
+    name = f"causvid_lora_rank{rank}_{str(dtype).removeprefix('torch.')}.safetensors"
+    save_safetensors({k: v.to(dtype) for k, v in tensors.items()}, os.path.join(folder, name), meta)
+    summary = {"file": name, "base": meta.get("base_model"), "base_sha256": meta.get("base_sha256"), "rank": rank,
+               "alpha": float(meta["alpha"]), "energy": None, "trained": True, "relative_error_total": 0.0,
+               "relative_error_per_layer": {}, "full_deltas": [],
                "ignored_by_diffusers": sorted(k for k in tensors if diffusers_skips(k))}
     atomic_write_json(os.path.join(folder, "lora_report.json"), summary)
     return summary
@@ -291,10 +318,12 @@ def model_card(source: ExportSource, fmt: str) -> str:
         lines += [""]
     if source.lora is not None:
         rep = source.lora
-        lines += ["## LoRA", "", f"`{rep['file']}`: the student minus its base (`{rep['base']}`) by truncated SVD, "
-                  f"rank {rep['rank']}" + (f" (energy {rep['energy']})" if rep["energy"] else "") + ", relative "
-                  f"reconstruction error {rep['relative_error_total']:.3g} over the factorised layers (per layer: "
-                  "`lora_report.json`). Keys in the original Wan names under `diffusion_model.` (`.lora_down` / "
+        how = (f"the adapters trained with peft (rank {rep['rank']}, alpha {rep['alpha']}) on the base "
+               f"`{rep['base']}` (sha256 of its weights `{rep['base_sha256'][:16]}...`), exact" if rep.get("trained")
+               else f"the student minus its base (`{rep['base']}`) by truncated SVD, rank {rep['rank']}"
+               + (f" (energy {rep['energy']})" if rep["energy"] else "") + ", relative reconstruction error "
+               f"{rep['relative_error_total']:.3g} over the factorised layers (per layer: `lora_report.json`)")
+        lines += ["## LoRA", "", f"`{rep['file']}`: {how}. Keys in the original Wan names under `diffusion_model.` (`.lora_down` / "
                   "`.lora_up` / `.alpha`, `.diff_b`, `.diff`); diffusers ignores the full deltas of norms, "
                   f"modulation tables and the patch embedding ({len(rep['ignored_by_diffusers'])} tensors here), "
                   "ComfyUI applies them.", "",
@@ -340,7 +369,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 10GB, 500MB (diffusers' rule)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="cast floating weights (default: as trained; LoRA: float32)")
-    p.add_argument("--base", help="lora: the base DiT (default: the run config's train.teacher_path)")
+    p.add_argument("--base", help="lora: the base DiT (default: the run config's train.teacher_path); a LoRA-trained "
+                                  "run emits its trained adapters unless --base, --rank or --energy is given")
     p.add_argument("--rank", type=int, default=None, help="lora: rank of every layer (default 32)")
     p.add_argument("--energy", type=float, default=None,
                    help="lora: per layer the smallest rank keeping this fraction of the squared singular values")
@@ -362,7 +392,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.base and not os.path.exists(args.base):
             raise ExportError(f"LoRA base not found: {args.base}")
         opts = LoraOptions(base=args.base, rank=None if args.energy is not None else (args.rank or 32),
-                           energy=args.energy)
+                           energy=args.energy, trained=not (args.base or args.rank or args.energy))
         source = open_source(args.source)
         files = export(source, args.out, args.format, max_shard_size=shard,
                        dtype=getattr(torch, args.dtype) if args.dtype else None, lora=opts)

@@ -50,7 +50,7 @@ def test_constraints_pin_every_dependency_inside_its_declared_range():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]  # this checkout's, not the installed
     pins = env_check.read_pins(ROOT / "constraints.txt")
     extras = project["optional-dependencies"]
-    reqs = [Requirement(r) for r in project["dependencies"] + extras["dev"] + extras["interop"]]
+    reqs = [Requirement(r) for r in project["dependencies"] + extras["dev"] + extras["interop"] + extras["demo"]]
     assert {"torch", "pytest", "diffusers", "peft"} <= {r.name for r in reqs}
     for req in reqs:
         name = env_check.canonical(req.name)

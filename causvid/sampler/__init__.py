@@ -4,7 +4,8 @@ and :class:`CausalSampler`, the object users touch (notebooks, ``scripts/sample.
 ``import causvid.sampler`` pulls in only models, schedule, config and video_io: never accelerate, wandb or the trainer.
 
 Modules: :mod:`.solvers` (the teacher's ODE solvers), :mod:`.causal` (KV-cached chunk-by-chunk generation),
-:mod:`.streaming` (:class:`CausalSampler`). Core functions (plain, reused by training: ODE pairs, backward simulation):
+:mod:`.streaming` (:class:`CausalSampler`), :mod:`.live` (:class:`LivePrompt`: a prompt changed while a stream
+runs). Core functions (plain, reused by training: ODE pairs, backward simulation):
 
 * :func:`teacher_sample` — many-step Euler (or UniPC) over the shifted grid, CFG with a negative prompt,
   returning the trajectory states asked for (CausVid ``generate_ode_pairs.py``).
@@ -26,8 +27,10 @@ from causvid.sampler.causal import (
     student_steps,
     v2v_steps,
 )
+from causvid.sampler.live import LivePrompt, PromptSwitch
 from causvid.sampler.solvers import TeacherResult, UniPCState, guided_flow, teacher_sample
 from causvid.sampler.streaming import CausalSampler
 
 __all__ = ["TeacherResult", "guided_flow", "teacher_sample", "UniPCState", "causal_sample_chunks", "causal_sample",
-           "causal_teacher_sample", "student_steps", "denoise_chunk", "v2v_steps", "CausalSampler"]
+           "causal_teacher_sample", "student_steps", "denoise_chunk", "v2v_steps", "CausalSampler",
+           "LivePrompt", "PromptSwitch"]

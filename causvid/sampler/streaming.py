@@ -14,12 +14,13 @@ import torch
 from causvid import schedule as S
 from causvid.models.attention import ChunkLayout, CrossAttnCache, KVCache
 from causvid.sampler.causal import check_prefix, denoise_chunk, student_steps, v2v_steps
+from causvid.sampler.live import LivePrompt
 
 # ----------------------------------------------------------------------------------------------------------------
 # CausalSampler: what users touch
 # ----------------------------------------------------------------------------------------------------------------
 
-PromptSpec = Union[str, Sequence[str], Mapping[int, Union[str, Sequence[str]]]]
+PromptSpec = Union[str, Sequence[str], Mapping[int, Union[str, Sequence[str]]], LivePrompt]
 
 
 class _hybridmethod:
@@ -52,7 +53,11 @@ class _Resident:
 
 
 def _normalize_schedule(prompts: PromptSpec) -> tuple[dict[int, list[str]], bool]:
-    """``str | list[str] | {chunk: str | list[str]}`` -> ({chunk: [prompt per sample]}, batched)."""
+    """``str | list[str] | {chunk: str | list[str]} | LivePrompt`` -> ({chunk: [prompt per sample]}, batched).
+
+    A :class:`LivePrompt` gives its current prompt at chunk 0 (its later changes are read while streaming)."""
+    if isinstance(prompts, LivePrompt):
+        return {0: [prompts.prompt]}, False
     if isinstance(prompts, str):
         return {0: [prompts]}, False
     if isinstance(prompts, Mapping):
@@ -400,8 +405,28 @@ class CausalSampler:
         return cache
 
     def free_caches(self) -> None:
-        """Drop the preallocated KV caches (they are otherwise kept for the next call of the same shape)."""
+        """Drop the preallocated KV caches (they are otherwise kept for the next call of the same shape); a cache
+        an unfinished stream holds lives on until that stream ends."""
         self._kv_pool.clear()
+        self.kv_caches = []
+
+    def with_options(self, **kw) -> "CausalSampler":
+        """A sampler sharing this one's networks, with other sampling options and its own KV caches.
+
+        ``kw``: ``steps``, ``context_noise``, ``sink_chunks``, ``window_chunks``, ``guidance``, ``negative_prompt``,
+        ``fps``, ``num_frames`` (validated as in the constructor). Used by servers that run several streams with
+        different settings over one loaded model (``causvid.demo``); its caches go when the view goes.
+        """
+        opts = dict(steps=self.steps, context_noise=self.context_noise, sink_chunks=self.sink_chunks,
+                    window_chunks=self.window_chunks, guidance=self.guidance, negative_prompt=self.negative_prompt,
+                    fps=self.fps, num_frames=self.num_frames)
+        unknown = set(kw) - set(opts)
+        if unknown:
+            raise TypeError(f"unknown CausalSampler option(s) {sorted(unknown)}; valid: {sorted(opts)}")
+        opts.update(kw)
+        return CausalSampler(self.model, self.vae, self.text_encoder, layout=self.layout, height=self.height,
+                             width=self.width, offload_text=self.offload_text, device=self.device, cfg=self.cfg,
+                             **opts)
 
     # -- noise ---------------------------------------------------------------------------------------------------
 
@@ -433,7 +458,9 @@ class CausalSampler:
 
         * ``prompts``: a prompt, a list (batch) or a schedule ``{chunk index: prompt(s)}`` (chunk 0 required).
           A switch replaces the cross-attention cache; ``recache=True`` also re-runs the refresh pass of every
-          chunk resident in the KV cache under the new prompt (clean K/V recomputed with the new text).
+          chunk resident in the KV cache under the new prompt (clean K/V recomputed with the new text). A
+          :class:`~causvid.sampler.live.LivePrompt` (one sample) is read before every chunk: a change set since the
+          previous chunk is applied like a scheduled switch, with its own ``recache`` choice.
         * length: ``num_chunks`` or ``num_frames`` (pixel frames ``1 + 4n``); with neither, ``video``'s length, else
           ``num_frames`` of the config; with a rolling cache (``window_chunks > 0``) and ``num_chunks=-1`` the
           stream never ends.
@@ -444,7 +471,11 @@ class CausalSampler:
         * ``prefix`` [B, P, C, h, w]: given clean latents (video extension), written to the cache at t = 0.
         * ``start_frame``: absolute position of the first frame (RoPE), e.g. to continue past 1024 frames.
         """
-        sched, _ = _normalize_schedule(prompts)
+        live = prompts if isinstance(prompts, LivePrompt) else None
+        if live is not None:
+            sched = {0: [live.take(0).prompt]}  # later changes are taken chunk by chunk below
+        else:
+            sched, _ = _normalize_schedule(prompts)
         B = len(sched[0])
         gens = _gens if _gens is not None else self._generators(seed, B)
         contexts = self._contexts(sched)
@@ -496,7 +527,7 @@ class CausalSampler:
         branches = [_Branch(contexts[0], caches[0], CrossAttnCache())]
         if self.guidance != 1.0:
             branches.append(_Branch(contexts[-1].expand(B, -1, -1), caches[1], CrossAttnCache()))
-        keep_resident = recache and any(c > 0 for c in sched)
+        keep_resident = (recache and any(c > 0 for c in sched)) or live is not None
         resident: list[_Resident] = []
 
         def flow(x, t, a):
@@ -512,11 +543,18 @@ class CausalSampler:
         try:
             for c, (f0, f1) in enumerate(self._chunk_ranges(total)):
                 n, a = f1 - f0, start_frame + f0
-                if c > 0 and c in sched:  # prompt switch: new cross-attention K/V (and optionally re-cached context)
+                switch = None  # None, or (the new context, whether this switch re-caches)
+                if c > 0 and live is not None:
+                    change = live.take(c)
+                    if change is not None:
+                        switch = self.encode_prompts([change.prompt]), change.recache
+                elif c > 0 and c in sched:
+                    switch = contexts[c], recache
+                if switch is not None:  # prompt switch: new cross-attention K/V (and optionally re-cached context)
                     br = branches[0]
-                    br.context = contexts[c]
+                    br.context, switch_recache = switch
                     br.cross.clear()
-                    if recache and resident:
+                    if switch_recache and resident:
                         br.kv.reset()  # replay the refresh passes of the resident chunks, in order, with the new text
                         for r in resident:
                             refresh(r.x, r.t, r.start, only=[br])

@@ -35,6 +35,7 @@ from causvid.losses import (
 from causvid.models.attention import ChunkLayout
 from causvid.models.registry import dit_config
 from causvid.sampler import causal_sample, guided_flow, student_steps, teacher_sample
+from causvid.train import lora
 from causvid.train.rollout import draw_exit_steps, exit_interval, self_forcing_rollout
 from causvid.train.stage import Stage, build_stage, register_stage
 
@@ -364,10 +365,8 @@ class _DiTStage(Stage):
 
     def export(self, models: dict[str, nn.Module], folder: str) -> None:
         """``model.safetensors`` = the trained network (its EMA if the trainer enabled one), config embedded."""
-        from causvid.models.weights import save_dit
-
         os.makedirs(folder, exist_ok=True)
-        save_dit(unwrap(models[self.trained]), os.path.join(folder, MODEL_FILE))
+        lora.save_network(unwrap(models[self.trained]), os.path.join(folder, MODEL_FILE))  # merged + adapters if LoRA
 
     @torch.no_grad()
     def sample(self, models: dict[str, nn.Module], step: int) -> Optional[dict[str, torch.Tensor]]:
@@ -510,7 +509,8 @@ class ODEStage(_DiTStage):
         sc = cfg.schedule
         self.steps = S.denoising_steps(list(sc.denoising_step_list), sc.warp_denoising_step, sc.shift,
                                        sc.num_train_timesteps)
-        self.generator = load_network(cfg, "train.init_from", device=self.network_device(device))
+        self.generator = lora.adapt(cfg, load_network(cfg, "train.init_from", device=self.network_device(device)),
+                                    "generator", str(cfg.train.init_from))  # itself unless model.lora.rank > 0
         self._setup_conditioning(cfg, device, encode_on_the_fly=False, encode_videos=False)
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -609,9 +609,12 @@ class DMDStage(ODEStage):
                                        sc.num_train_timesteps)
         self.score_layout = self.layout if cfg.dmd.teacher == "causal" else None
         dev = self.network_device(device)  # the CPU under FSDP2: the trainer shards each network onto the device
-        self.generator = load_network(cfg, "train.init_from", device=dev)
-        self.teacher = load_network(cfg, "train.teacher_path", device=dev, dtype=_dtype(cfg), trainable=False)
-        self.critic = load_network(cfg, "train.teacher_path", device=dev)
+        if lora.enabled(cfg):  # adapters on frozen bases shared with the teacher (causvid/train/lora.py)
+            self.generator, self.critic, self.teacher = lora.dmd_networks(cfg, dev, _dtype(cfg))
+        else:
+            self.generator = load_network(cfg, "train.init_from", device=dev)
+            self.teacher = load_network(cfg, "train.teacher_path", device=dev, dtype=_dtype(cfg), trainable=False)
+            self.critic = load_network(cfg, "train.teacher_path", device=dev)
         gi, src = cfg.dmd.generator_input, cfg.data.source
         on_the_fly = src in ("toyworld", "videos", "prompts")
         self._setup_conditioning(cfg, device, encode_on_the_fly=on_the_fly,
@@ -788,6 +791,4 @@ class DMDStage(ODEStage):
         """``model.safetensors`` (generator, EMA if enabled) and ``critic.safetensors`` (to continue training)."""
         super().export(models, folder)
         if not self.ode_only and "critic" in models:
-            from causvid.models.weights import save_dit
-
-            save_dit(unwrap(models["critic"]), os.path.join(folder, CRITIC_FILE))
+            lora.save_network(unwrap(models["critic"]), os.path.join(folder, CRITIC_FILE))
