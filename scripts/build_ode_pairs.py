@@ -111,9 +111,10 @@ def main(argv=None) -> int:
 
     from causvid.models.registry import dit_config
     from causvid.models.text import text_encoder_from_config
+    from causvid.train.parallel import device_of
     from causvid.train.stages import load_network
 
-    dev = state.device
+    dev = device_of(state)  # a plain torch.device("cpu") under a CPU launch: .to() does not copy the weights
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the official generator (fp32 weights, TF32 matmuls)
         torch.backends.cudnn.allow_tf32 = True

@@ -119,8 +119,9 @@ def main(argv=None) -> int:
         return 2
     from causvid.models.text import text_encoder_from_config
     from causvid.models.vae import vae_from_config
+    from causvid.train.parallel import device_of
 
-    dev = state.device
+    dev = device_of(state)  # a plain torch.device("cpu") under a CPU launch: .to() does not copy the weights
     vae = vae_from_config(cfg.vae, device=dev).eval()
     enc = text_encoder_from_config(cfg.text, device=dev, dim=d.text_dim, text_len=d.text_len)
     written = SH.encode_latent_shards(out, VideoCaptionDataset(videos), vae, enc, plan, rank=state.process_index,

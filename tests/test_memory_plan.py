@@ -112,7 +112,6 @@ def test_small_plan_line_by_line_by_hand():
         ("setup", "teacher (whole)"): P * 4,
         ("setup", "text encoder (released after encoding)"): umt5 * 4,
         ("setup", "a network's shard, while its whole weights are still held"): P * 4 // 2,
-        ("setup", "file pages of the weights being copied (CPU launch: device cpu:0)"): max(umt5 * 4, P * 4),
         # sampling 33 frames: 9 latent frames x 4 tokens, one branch (guidance 1)
         ("sampling", "student weights"): P * 4,
         ("sampling", "KV cache"): 2 * 2 * 9 * 4 * 32 * 4,
@@ -124,10 +123,27 @@ def test_small_plan_line_by_line_by_hand():
     assert plan.peaks == {
         "train (checkpointing off)": resident + fsdp + blk_mask + max(acts_off, P * 2),
         "train (checkpointing on)": resident + fsdp + blk_mask + max(acts_on, P * 2),
-        # the text encoder's file pages and its copy, or a network's file pages while it is copied, or a shard
-        "setup": 3 * P * 4 + max(2 * umt5 * 4, P * 2, P * 4),
+        # the CPU rehearsal: every network whole on the host, then the text encoder, or a shard being made
+        "setup": 3 * P * 4 + max(umt5 * 4, P * 2),
     }
     assert plan.reserve == 0 and plan.peak == plan.peaks["train (checkpointing off)"]
+
+
+def test_fsdp2_gpu_setup_loads_on_the_host_and_shards():
+    """FSDP2 on 2 GPUs: the device holds the text encoder (negative prompt), then the shards + one unit whole being
+    sharded (a block: 13,024 parameters > the root's 10,928); the whole networks are a host line, not device memory."""
+    plan = MP.plan_memory(small_cfg(), MP.LaunchSetup(world_size=2, fsdp=True, device="cuda"))
+    P, block = 36976, 13024
+    umt5 = 512 * 24 + 2 * (24 + 4 * 24 * 24 + 24 + 3 * 24 * 48 + 32 * 2) + 24
+    setup = {x.name: x.bytes for x in plan.lines if x.section == "setup"}
+    assert setup == {"text encoder (released after encoding)": umt5 * 4, "generator (shard)": P * 4 // 2,
+                     "critic (shard)": P * 4 // 2, "teacher (shard)": P * 4 // 2,
+                     "one unit whole while fully_shard moves and chunks it": block * 4}
+    assert plan.peaks["setup"] == max(umt5 * 4, 3 * (P * 4 // 2) + block * 4)
+    assert [(x.name, x.bytes) for x in plan.lines if x.section == "host"] == [
+        ("every network whole on the host before sharding (per process)", 3 * P * 4)]
+    ddp = MP.plan_memory(small_cfg(), MP.LaunchSetup(world_size=2, fsdp=False, device="cuda"))
+    assert ddp.peaks["setup"] == 3 * P * 4 + umt5 * 4  # DDP: every network whole on each device
 
 
 def test_single_gpu_bf16_lines():

@@ -14,8 +14,10 @@ FSDP2 or not, CUDA or CPU) put in memory, from the networks' real shapes:
 * **transients**: one block's working set, the parameters FSDP2 gathers around a block, the bf16 weight
   copies autocast keeps (single device / DDP with fp32 weights), DDP's gradient buckets, AdamW's step
   workspace (CUDA's foreach kernels), the KV cache of backward simulation;
-* **setup**: the stages load every network whole on the device before the trainer shards it, and build
-  the text encoder there to encode the negative prompt; that is a second peak;
+* **setup**: without FSDP2 the stages load every network whole on the device, and build the text encoder
+  there to encode the negative prompt; under FSDP2 on GPUs they build the networks on the host and the trainer
+  shards them, so the device holds the text encoder, then the shards + one unit being sharded (the whole
+  networks are a host-memory line, not part of the device peak); that is a second peak;
 * **sampling** (the exported student with its KV caches) as its own, informational, section.
 
 The plan is an estimate (what the caching allocator and CUDA context add is a fixed reserve, not a
@@ -264,7 +266,7 @@ def dit_activations(d: DiTConfig, batch: int, latent: tuple[int, int, int, int],
 # ------------------------------------------------------------------------------------------- plan
 @dataclass
 class PlanLine:
-    section: str  # "resident" | "update" | "setup" | "sampling"
+    section: str  # "resident" | "update" | "setup" | "host" | "sampling"
     name: str
     bytes: int
     note: str = ""
@@ -321,9 +323,10 @@ class MemoryPlan:
                f"{'':2}{'item':<64}{'GiB':>9}  note"]
         titles = {"resident": "resident for the whole run",
                   "update": "transient in the largest update",
-                  "setup": "setup: networks loaded whole before sharding",
+                  "setup": "setup: networks built and sharded, text encoder encoding the negative prompt",
+                  "host": "host memory (informational; not part of the device peak)",
                   "sampling": "sampling with the exported student (not part of training)"}
-        for sec in ("resident", "update", "setup", "sampling"):
+        for sec in ("resident", "update", "setup", "host", "sampling"):
             rows = [x for x in self.lines if x.section == sec]
             if rows:
                 out.append(f"{titles[sec]}:")
@@ -470,37 +473,48 @@ def plan_memory(cfg, launch: LaunchSetup = LaunchSetup(), *, device_memory: Opti
     plan.peaks["train (checkpointing off)"] = max(backward_peak(acts.full), opt_moment)
     plan.peaks["train (checkpointing on)"] = max(backward_peak(acts.checkpointed), opt_moment)
 
-    # -- setup: every network loaded whole on the device (stage.setup), the text encoder built there to encode
-    #    the negative prompt and released; then the trainer shards one network after the other, each one's
-    #    whole parameters held (by its optimizer) until the network is done: max of the two moments
-    whole = 0
-    for n in nets:
-        whole += plan.add("setup", f"{n.name} (whole)", _nbytes(n.params, n.dtype))
-    if vae is not None:
-        whole += plan.add("setup", "VAE", _nbytes(vae.params, "float32"))
+    # -- setup. Text encoder (and VAE) are built on the device by stage.setup, the encoder encodes the negative prompt
+    #    and is released unless it encodes prompts in the loop.
     text_setup = 0
     if roles["text_built"]:
         text_setup = plan.add("setup", "text encoder" + ("" if roles["text_resident"] else " (released after encoding)"),
                               _nbytes(text.params, text.dtype),
                               f"{text.params / 1e9:.3f}B params, {text.dtype}, {text_src}")
-    first_shard = 0
-    if W > 1:
-        first_shard = plan.add("setup", "a network's shard, while its whole weights are still held",
-                               _nbytes(counts.total, "float32") // W)
-    # Under a multi-process CPU launch accelerate's device is ``cpu:0``, and ``Tensor.to("cpu:0")`` copies: the stages'
-    # ``.to(device)`` turns every memory-mapped weight file into a copy, both resident while it is made (measured,
-    # docs/wan2.1.md). A single CPU process maps the files without copying (pages resident as they are touched), and
-    # on GPUs the file pages are host memory.
-    file_pages = 0
-    if launch.device == "cpu" and launch.world_size > 1:
-        file_pages = plan.add("setup", "file pages of the weights being copied (CPU launch: device cpu:0)",
-                              max(text_setup, _nbytes(counts.total, "float32")))
+    vae_setup = plan.add("setup", "VAE", _nbytes(vae.params, "float32")) if vae is not None else 0
     resident_text = text_setup if roles["text_resident"] else 0
-    plan.peaks["setup"] = whole + max(text_setup + min(file_pages, text_setup), first_shard + resident_text,
-                                      file_pages)
+    whole_host = sum(_nbytes(n.params, n.dtype) for n in nets)
+    if W > 1 and launch.device == "cuda":
+        # FSDP2 on GPUs: the stages build every DiT on the host (parallel.weights_device); the trainer shards one network
+        # after the other, fully_shard moving one unit (a block, then the root's own parameters) to the device, chunking
+        # it and dropping the whole unit. The device holds the shards made so far + one unit whole.
+        shards = 0
+        for n in nets:
+            shards += plan.add("setup", f"{n.name} (shard)", _nbytes(n.params, n.dtype) // W, f"1/{W}, made on the device")
+        unit = plan.add("setup", "one unit whole while fully_shard moves and chunks it",
+                        max(counts.block, counts.root) * max(_DTYPE_BYTES[n.dtype] for n in nets),
+                        "the largest of a block and the root's own parameters")
+        plan.peaks["setup"] = vae_setup + max(text_setup, shards + unit + resident_text)
+        plan.add("host", "every network whole on the host before sharding (per process)", whole_host,
+                 "CPU RAM of each process while the trainer shards; a node holds it once per process "
+                 "(less where the files' pages are shared: networks stored in the dtype they are loaded in)")
+    else:
+        # one device (or DDP): every network whole on the device, then the text encoder built there. A CPU launch
+        # (the rehearsal; device = host) under FSDP2 builds the networks whole on the host as well, then shards one
+        # network after the other, each one's whole weights held until its shards are made.
+        whole = 0
+        for n in nets:
+            whole += plan.add("setup", f"{n.name} (whole)", _nbytes(n.params, n.dtype))
+        first_shard = 0
+        if W > 1:
+            first_shard = plan.add("setup", "a network's shard, while its whole weights are still held",
+                                   _nbytes(counts.total, "float32") // W)
+        plan.peaks["setup"] = whole + vae_setup + max(text_setup, first_shard + resident_text)
+    # A CPU launch moves to torch.device("cpu") (parallel.device_of): memory-mapped weight files are not copied, so
+    # one and several CPU processes alike map the files; pages become resident as they are read (the plan's "whole"
+    # is an upper bound for networks whose dtype matches the file's).
     if W > 1 and plan.peaks["setup"] > plan.peaks["train (checkpointing on)"]:
-        plan.notes.append("the setup peak dominates: every rank loads each network whole before sharding it "
-                          "(causvid/train/stages.py load_network, then causvid/train/parallel.py)")
+        plan.notes.append("the setup peak dominates: the text encoder is built whole on every device to encode the "
+                          "negative prompt (causvid/train/stages.py _setup_conditioning)")
 
     # -- sampling with the exported student (informational)
     _sampling_lines(plan, cfg, d, counts)

@@ -7,11 +7,19 @@ The trainer calls these helpers and never branches on the distributed type itsel
   separately (one DDP wrapper per trainable, so the generator and the critic reduce their own
   gradients on their own backward passes); frozen modules are moved to the device, ``eval()``, with
   ``requires_grad`` off. State dicts are full on every rank; the main process writes them.
+* **Where things go**: :func:`device_of` is the device modules and tensors are moved to: accelerate's device, but a
+  plain ``torch.device("cpu")`` when that is a CPU (a multi-process CPU launch reports ``cpu:0`` or similar, and
+  ``Tensor.to("cpu:0")`` copies a CPU tensor, so every weight file would be held twice while it loads).
+  :func:`weights_device` is where the stages build and load their networks: the CPU under FSDP2, so that no rank
+  ever holds a whole network on its accelerator; ``fully_shard`` (per block, then the root) moves each unit's
+  parameters to the mesh's device as it shards them (torch documents that ignored parameters are the ones *not*
+  moved to the device during init), so a GPU holds at most one unit whole, for the moment it is chunked.
 * **FSDP2** (``configs/accelerate/8gpu_fsdp.yaml``: ``fsdp_version: 2``, wrap class ``DiTBlock``,
   bf16): accelerate shards each trainable (one ``prepare(module, optimizer)`` per trainable, as
   accelerate's FSDP2 path handles one model per call). Frozen modules have no optimizer, which
   accelerate's FSDP2 ``prepare`` refuses, so they are sharded here with ``fully_shard`` per
-  ``DiTBlock`` and at the root. Full (unsharded) model / optimizer state dicts are gathered with
+  ``DiTBlock`` and at the root. Neither path moves a module to the GPU before sharding it (accelerate 1.x's FSDP2
+  ``prepare`` calls ``fully_shard`` bottom-up on the module as it is). Full (unsharded) model / optimizer state dicts are gathered with
   ``torch.distributed.checkpoint.state_dict`` (a collective: every rank calls it) onto the CPU of rank 0.
   Gradient accumulation turns the reduce-scatter off with ``set_requires_gradient_sync(False)`` on
   all but the last micro-batch. On CPUs it runs over gloo (``configs/accelerate/cpu_2proc_fsdp.yaml``, the
@@ -33,7 +41,7 @@ from torch import nn
 from causvid.train.precision import warn_if_emulated_bf16
 
 __all__ = [
-    "make_accelerator", "is_fsdp", "check_sharded", "set_activation_checkpointing", "prepare_trainable", "prepare_frozen",
+    "make_accelerator", "device_of", "weights_device", "is_fsdp", "check_sharded", "set_activation_checkpointing", "prepare_trainable", "prepare_frozen",
     "no_sync", "unwrap", "full_tensor", "model_state_dict", "optimizer_state_dict", "load_optimizer_state",
     "clip_grad_norm", "all_reduce_sum", "all_reduce_max", "barrier",
 ]
@@ -67,6 +75,21 @@ def make_accelerator(cfg, *, find_unused_parameters: bool = False, log_with: Opt
     return Accelerator(**kwargs)
 
 
+def device_of(accelerator) -> torch.device:
+    """The device the library moves modules and tensors to: ``accelerator.device``, except that any CPU device
+    (``cpu:0`` under a multi-process CPU launch) is the plain ``torch.device("cpu")``, which ``Tensor.to`` treats
+    as the tensor's own device (no copy; ``.to("cpu:0")`` copies every CPU tensor)."""
+    dev = torch.device(accelerator.device)
+    return torch.device("cpu") if dev.type == "cpu" else dev
+
+
+def weights_device(accelerator) -> torch.device:
+    """Where a stage builds and loads its networks (``Stage.weights_device``): the CPU under FSDP2 (each network is
+    then sharded by :func:`prepare_trainable` / :func:`prepare_frozen`, which put only the shards on the device),
+    else :func:`device_of`."""
+    return torch.device("cpu") if is_fsdp(accelerator) else device_of(accelerator)
+
+
 def is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -86,10 +109,10 @@ def _cpu_fsdp2(accelerator) -> bool:
 
 def _shard(accelerator, module: nn.Module) -> nn.Module:
     """``fully_shard`` each block class instance, then the root (in place); bf16 compute with fp32 reduction
-    when the run is bf16."""
+    when the run is bf16. ``module`` may be on the CPU: ``fully_shard`` moves each unit's parameters to the
+    mesh's device as it shards them (one unit whole there at a time), :func:`_on_device` checks it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    module.to(accelerator.device)
     kw = {}
     if str(accelerator.mixed_precision) == "bf16":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -100,7 +123,20 @@ def _shard(accelerator, module: nn.Module) -> nn.Module:
             fully_shard(sub, reshard_after_forward=reshard, **kw)
     fully_shard(module, reshard_after_forward=reshard, **kw)
     check_sharded(module)
+    _on_device(accelerator, module)
     return module
+
+
+def _on_device(accelerator, module: nn.Module) -> None:
+    """After sharding: buffers (not sharded) moved to the device; an error if a parameter is not there."""
+    dev = device_of(accelerator)
+    for sub in unwrap_plain(module).modules():
+        for k, b in sub._buffers.items():
+            if b is not None and b.device.type != dev.type:
+                sub._buffers[k] = b.to(dev)
+    stray = [n for n, p in unwrap_plain(module).named_parameters() if p.device.type != dev.type]
+    if stray:
+        raise RuntimeError(f"FSDP2: parameters {stray[:4]} are not on {dev} after fully_shard")
 
 
 def set_activation_checkpointing(module: nn.Module, enabled: bool) -> None:
@@ -134,9 +170,10 @@ def prepare_trainable(accelerator, module: nn.Module, optimizer: torch.optim.Opt
         for group in optimizer.param_groups:
             group["params"] = [new[names[id(p)]] for p in group["params"]]
         return module, optimizer
-    wrapped, optimizer = accelerator.prepare(module, optimizer)
+    wrapped, optimizer = accelerator.prepare(module, optimizer)  # FSDP2: fully_shard bottom-up, module left where it is
     if is_fsdp(accelerator):
         check_sharded(wrapped)
+        _on_device(accelerator, wrapped)
     return wrapped, optimizer
 
 
@@ -173,7 +210,7 @@ def prepare_frozen(accelerator, module: nn.Module) -> nn.Module:
     module.eval().requires_grad_(False)
     if is_fsdp(accelerator) and accelerator.num_processes > 1 and _block_classes(module):
         return _shard(accelerator, module)
-    return module.to(accelerator.device)
+    return module.to(device_of(accelerator))
 
 
 @contextlib.contextmanager
@@ -259,7 +296,7 @@ def clip_grad_norm(accelerator, wrapped: nn.Module, max_norm: float) -> torch.Te
     """
     params = [p for p in wrapped.parameters() if p.grad is not None]
     if not params:
-        return torch.zeros((), device=accelerator.device)
+        return torch.zeros((), device=device_of(accelerator))
     limit = float(max_norm) if max_norm and max_norm > 0 else float("inf")
     norm = accelerator.clip_grad_norm_(params, limit) if is_fsdp(accelerator) else torch.nn.utils.clip_grad_norm_(params, limit)
     return full_tensor(norm).detach().float()

@@ -35,8 +35,9 @@ class Stage:
 
     1. ``stage = cls(cfg)``; ``cls.check_config(cfg)`` runs first, before any network is built, and
        raises :class:`causvid.config.ConfigError` naming the offending key.
-    2. ``stage.setup(cfg, device)`` builds networks (on ``device`` or CPU), loads weights, encodes
-       fixed prompts and releases encoders.
+    2. ``stage.setup(cfg, device)`` builds networks (on :meth:`network_device`: the CPU under FSDP2, set by the
+       trainer in ``weights_device``, else ``device``), loads weights, encodes fixed prompts (encoders on
+       ``device``) and releases encoders.
     3. The trainer reads :meth:`trainable` / :meth:`frozen`, builds one AdamW per trainable module from
        :meth:`optim_config`, wraps the trainables for the distributed setup and moves frozen modules
        to the device (``eval()``, ``requires_grad_(False)``).
@@ -54,6 +55,11 @@ class Stage:
     #: its parameters without a gradient (slower; the default stages do not need it).
     ddp_find_unused_parameters: bool = False
 
+    #: Where :meth:`setup` builds and loads the networks the trainer will wrap (set by the trainer before ``setup``:
+    #: ``causvid.train.parallel.weights_device``, the CPU under FSDP2 so that only shards reach the accelerator).
+    #: None: the ``device`` passed to ``setup``.
+    weights_device: Optional[torch.device] = None
+
     def __init__(self, cfg=None):
         self.cfg = cfg
 
@@ -70,6 +76,10 @@ class Stage:
     def setup(self, cfg, device: torch.device) -> None:
         """Build networks, load weights, encode fixed prompts (negative prompt) and release encoders."""
         raise NotImplementedError(f"{type(self).__name__}.setup")
+
+    def network_device(self, device) -> torch.device:
+        """Where :meth:`setup` puts the networks it returns from :meth:`trainable` / :meth:`frozen`."""
+        return torch.device(self.weights_device if self.weights_device is not None else device)
 
     def trainable(self) -> dict[str, nn.Module]:
         """Modules trained and checkpointed, e.g. ``{"generator": g}`` or ``{"generator": g, "critic": c}``.

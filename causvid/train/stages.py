@@ -422,9 +422,9 @@ class TeacherStage(_DiTStage):
         self.cfg = cfg
         self.layout = layout_of(cfg) if self.causal else None
         if cfg.train.init_from:
-            self.model = load_network(cfg, "train.init_from", device=device)
+            self.model = load_network(cfg, "train.init_from", device=self.network_device(device))
         else:
-            self.model = new_network(cfg, device)
+            self.model = new_network(cfg, self.network_device(device))
         on_the_fly = cfg.data.source in ("toyworld", "videos")
         self.needs_negative = float(cfg.train.cond_dropout) > 0
         self._setup_conditioning(cfg, device, encode_on_the_fly=on_the_fly, encode_videos=on_the_fly)
@@ -509,8 +509,8 @@ class ODEStage(_DiTStage):
         sc = cfg.schedule
         self.steps = S.denoising_steps(list(sc.denoising_step_list), sc.warp_denoising_step, sc.shift,
                                        sc.num_train_timesteps)
-        self.generator = lora.adapt(cfg, load_network(cfg, "train.init_from", device=device), "generator",
-                                    str(cfg.train.init_from))  # itself unless model.lora.rank > 0
+        self.generator = lora.adapt(cfg, load_network(cfg, "train.init_from", device=self.network_device(device)),
+                                    "generator", str(cfg.train.init_from))  # itself unless model.lora.rank > 0
         self._setup_conditioning(cfg, device, encode_on_the_fly=False, encode_videos=False)
 
     def trainable(self) -> dict[str, nn.Module]:
@@ -608,12 +608,13 @@ class DMDStage(ODEStage):
         self.steps = S.denoising_steps(list(sc.denoising_step_list), sc.warp_denoising_step, sc.shift,
                                        sc.num_train_timesteps)
         self.score_layout = self.layout if cfg.dmd.teacher == "causal" else None
+        dev = self.network_device(device)  # the CPU under FSDP2: the trainer shards each network onto the device
         if lora.enabled(cfg):  # adapters on frozen bases shared with the teacher (causvid/train/lora.py)
-            self.generator, self.critic, self.teacher = lora.dmd_networks(cfg, device, _dtype(cfg))
+            self.generator, self.critic, self.teacher = lora.dmd_networks(cfg, dev, _dtype(cfg))
         else:
-            self.generator = load_network(cfg, "train.init_from", device=device)
-            self.teacher = load_network(cfg, "train.teacher_path", device=device, dtype=_dtype(cfg), trainable=False)
-            self.critic = load_network(cfg, "train.teacher_path", device=device)
+            self.generator = load_network(cfg, "train.init_from", device=dev)
+            self.teacher = load_network(cfg, "train.teacher_path", device=dev, dtype=_dtype(cfg), trainable=False)
+            self.critic = load_network(cfg, "train.teacher_path", device=dev)
         gi, src = cfg.dmd.generator_input, cfg.data.source
         on_the_fly = src in ("toyworld", "videos", "prompts")
         self._setup_conditioning(cfg, device, encode_on_the_fly=on_the_fly,

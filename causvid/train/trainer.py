@@ -219,7 +219,7 @@ class Trainer:
         self.resume_path = ckpt.resolve_resume(self.output_dir, str(self.cfg.train.resume))
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([float(self._stop_signal)], device=self.accelerator.device)
+        flag = torch.tensor([float(self._stop_signal)], device=self.device)
         return bool(parallel.all_reduce_max(self.accelerator, flag).item() > 0)
 
     # ------------------------------------------------------------------------------------ build
@@ -263,8 +263,11 @@ class Trainer:
             acc.init_trackers(str(cfg.train.project), config=_flat_config(cfg))
         self.trackers = trackers
 
+        self.device = parallel.device_of(acc)  # a plain torch.device("cpu") on CPUs: .to() does not copy
         _seed_all(int(cfg.train.seed))  # identical initial weights on every rank
-        stage.setup(cfg, acc.device)
+        # networks are built on parallel.weights_device (the CPU under FSDP2: sharded before they reach the device)
+        stage.weights_device = parallel.weights_device(acc)
+        stage.setup(cfg, self.device)
         trainable, frozen = dict(stage.trainable()), dict(stage.frozen())
         if not trainable:
             raise ValueError(f"stage '{stage.name}' has no trainable module")
@@ -367,7 +370,7 @@ class Trainer:
         """Every trainable weight finite on every rank (a collective: local shards under FSDP)."""
         bad = any(not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
                   for m in self.modules.values() for p in m.parameters())
-        flag = torch.tensor([float(bad)], device=self.accelerator.device)
+        flag = torch.tensor([float(bad)], device=self.device)
         return not bool(parallel.all_reduce_max(self.accelerator, flag).item() > 0)
 
     def save(self, step: int) -> str:
@@ -392,7 +395,7 @@ class Trainer:
         and critic updates of a DMD iteration share a batch, as the official CausVid trainer, docs/method.md)."""
         if self.loader is None:
             return [{}] * int(self.cfg.train.grad_accum)
-        return [_to_device(self.loader.next(), self.accelerator.device) for _ in range(int(self.cfg.train.grad_accum))]
+        return [_to_device(self.loader.next(), self.device) for _ in range(int(self.cfg.train.grad_accum))]
 
     def _update(self, name: str, step: int, u: int, record: dict, batches: list) -> None:
         """One optimizer update of ``name`` on the step's micro-batches, guarded against NaN/Inf."""
@@ -403,11 +406,11 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=acc.device)
+        loss_sum = torch.zeros((), device=self.device)
         logs_sum: dict[str, float] = {}
         for m in range(accum):
             batch = batches[m]
-            rng = step_rng(int(cfg.train.seed), m * self.world_size + self.rank, step, u, acc.device)
+            rng = step_rng(int(cfg.train.seed), m * self.world_size + self.rank, step, u, self.device)
             sync = contextlib.nullcontext() if m == accum - 1 else parallel.no_sync(acc, wrapped)
             with sync:
                 with acc.autocast():
@@ -424,7 +427,7 @@ class Trainer:
         grad_norm = parallel.clip_grad_norm(acc, wrapped, float(self.stage.optim_config(name).grad_clip))
         bad = (~torch.isfinite(loss_sum)) | (~torch.isfinite(grad_norm))
         stats = torch.stack([torch.nan_to_num(loss_sum / accum, nan=0.0, posinf=0.0, neginf=0.0), bad.float()])
-        stats = parallel.all_reduce_sum(acc, stats.to(acc.device))  # [mean loss * world, ranks that saw NaN/Inf]
+        stats = parallel.all_reduce_sum(acc, stats.to(self.device))  # [mean loss * world, ranks that saw NaN/Inf]
         nonfinite = bool(stats[1].item() > 0)
         if nonfinite:
             opt.zero_grad(set_to_none=True)  # skip: parameters and optimizer state unchanged

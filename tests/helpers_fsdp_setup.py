@@ -1,0 +1,76 @@
+"""Driver of tests/test_fsdp_setup.py: build a DMD trainer (no step) under the launch it is started with and write,
+per rank, what setup left in memory: ``$SETUP_OUT/rank<R>.json``.
+
+    accelerate launch --config_file configs/accelerate/cpu_2proc_fsdp.yaml tests/helpers_fsdp_setup.py \\
+        --config configs/toy/dmd.yaml OVERRIDES...
+
+Recorded: the device the trainer moves things to and the one the stage built its networks on; for each network
+(generator, critic, teacher) right after ``stage.setup`` its parameters' devices and total size, and after the
+trainer has wrapped everything: whether each parameter is a DTensor, its local and full element counts, its device,
+and how many of the parameter objects ``stage.setup`` created are still alive anywhere (a whole, unsharded copy).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import weakref
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from causvid.config import load_config  # noqa: E402
+from causvid.train.trainer import Trainer  # noqa: E402
+
+NETS = ("generator", "critic", "teacher")
+
+
+def main(argv) -> int:
+    assert argv[0] == "--config"
+    cfg = load_config(argv[1], list(argv[2:]))
+    trainer = Trainer(cfg)
+    stage = trainer.stage
+    rank = int(os.environ.get("RANK", "0"))
+    record: dict = {"rank": rank, "after_setup": {}, "after_build": {}}
+    refs: dict[str, list] = {}
+    setup = stage.setup
+
+    def recording_setup(cfg, device):
+        setup(cfg, device)
+        record["setup_device"] = str(device)
+        record["weights_device"] = str(stage.weights_device)
+        for name in NETS:
+            params = list(getattr(stage, name).parameters())
+            refs[name] = [weakref.ref(p) for p in params]
+            record["after_setup"][name] = {"devices": sorted({str(p.device) for p in params}),
+                                           "numel": sum(p.numel() for p in params)}
+            del params
+
+    stage.setup = recording_setup
+    trainer.acquire_lock()
+    try:
+        trainer._build()
+    finally:
+        trainer.lock.release()
+    del stage.setup  # the wrapper holds the stage and the weak references, not the parameters
+    gc.collect()
+    from torch.distributed.tensor import DTensor
+
+    for name in NETS:
+        module = trainer.models[name]
+        params = []
+        for pname, p in module.named_parameters():
+            params.append({"name": pname, "dtensor": isinstance(p, DTensor), "device": str(p.device),
+                           "local": (p.to_local() if isinstance(p, DTensor) else p).numel(), "full": p.numel()})
+        record["after_build"][name] = {"params": params, "alive_from_setup": sum(r() is not None for r in refs[name])}
+    record["trainer_device"] = repr(trainer.device)
+    out = os.environ["SETUP_OUT"]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    trainer.accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
