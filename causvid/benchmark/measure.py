@@ -104,6 +104,16 @@ class Stats:
         return cls(statistics.median(v), min(v), max(v), len(v), v)
 
 
+def _malloc_trim() -> None:
+    """glibc ``malloc_trim(0)`` where available (a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class MemoryMeter:
     """Peak memory of a region: CUDA max allocated, or the CPU process's peak RSS (``VmHWM``)."""
 
@@ -124,8 +134,20 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind == "cpu_peak_rss":
+            _malloc_trim()  # freed heap pages go back to the OS, so the reset peak starts at what is in use
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+
+    def current_bytes(self) -> int:
+        """What is in use now (CUDA allocated / CPU resident set): the baseline a peak is read against."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        _malloc_trim()
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
