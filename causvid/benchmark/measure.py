@@ -160,6 +160,28 @@ class MemoryMeter:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def torch_cpu_alloc_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """``(peak bytes held by new torch CPU tensors during fn(), fn's result)``, from the profiler's memory events.
+
+    Exact at op granularity, independent of the C allocator's caching (which makes the resident set a poor
+    meter for a few MiB): each op's net allocation is added at its start, frees outside ops when they happen.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    deltas = []
+    for e in prof.events():
+        d = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if d:
+            deltas.append((e.time_range.start, d))
+    cur = peak = 0
+    for _, d in sorted(deltas, key=lambda x: x[0]):
+        cur += d
+        peak = max(peak, cur)
+    return peak, out
+
+
 def time_runs(fns: dict[str, Callable[[Recorder], Any]], clock: Clock, *, warmup: int, reps: int,
               meter: Optional[MemoryMeter] = None, warmup_fns: Optional[dict[str, Callable]] = None
               ) -> dict[str, dict[str, Any]]:
