@@ -160,11 +160,12 @@ class MemoryMeter:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def torch_cpu_alloc_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
+def torch_cpu_alloc_peak(fn: Callable[[], Any], allocations: Optional[list] = None) -> tuple[int, Any]:
     """``(peak bytes held by new torch CPU tensors during fn(), fn's result)``, from the profiler's memory events.
 
     Exact at op granularity, independent of the C allocator's caching (which makes the resident set a poor
     meter for a few MiB): each op's net allocation is added at its start, frees outside ops when they happen.
+    ``allocations`` (a list) receives every op's positive net allocation in bytes.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -175,6 +176,8 @@ def torch_cpu_alloc_peak(fn: Callable[[], Any]) -> tuple[int, Any]:
         d = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
         if d:
             deltas.append((e.time_range.start, d))
+            if allocations is not None and d > 0:
+                allocations.append(d)
     cur = peak = 0
     for _, d in sorted(deltas, key=lambda x: x[0]):
         cur += d
