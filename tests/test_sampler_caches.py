@@ -33,8 +33,8 @@ def test_second_generate_reuses_every_cache_and_allocates_none():
     assert s.kv_caches[0] is kv and s._cross_pool[0][2] is cross  # the same objects, reset / reused
     assert all(s.model._rope_tables[k] is v for k, v in tables.items())
     assert peak_second <= peak_first + 2 ** 20, (peak_first, peak_second)  # <= 1 MiB above the first call's peak
-    cache_tensor = kv.num_bytes // 2  # keys, values: allocated by the first call only
-    assert allocs_first.count(cache_tensor) == 2 and allocs_second.count(cache_tensor) == 0
+    cache_tensor = kv.num_bytes // 2  # keys, values: allocated by the first call only (other tensors may share the size)
+    assert allocs_first.count(cache_tensor) - allocs_second.count(cache_tensor) == 2
 
 
 def test_cross_cache_follows_prompts_and_weights_and_is_freed():
