@@ -198,3 +198,29 @@ def test_script_smoke_run_writes_json_and_markdown(tmp_path, restore_threads):
     assert mod.main(["--merge", str(out / "benchmark.json"), str(out / "benchmark.json"), "--out-dir", str(merged)]) == 0
     m = json.loads((merged / "benchmark.json").read_text())
     assert len(m["meta"]["commands"]) == 2 and m["student"] == r["student"] and m["targets"] == r["targets"]
+
+
+def test_peer_section_runs_the_same_work_on_diffusers(tmp_path, restore_threads):
+    """``--sections peer``: ours and diffusers.WanTransformer3DModel on the same weights and inputs agree, every
+    work row is timed (the peer's missing chunk mask / KV cache stated), and the markdown has the table."""
+    pytest.importorskip("diffusers")
+    from causvid.benchmark.cli import main
+
+    out = tmp_path / "peer"
+    assert main(["--size", "tiny", "--quick", "--height", "16", "--width", "16", "--frames", "9", "--chunk", "1",
+                 "--steps", "2", "--threads", "1", "--sections", "peer", "--peer-cases", "bench", "--no-vae",
+                 "--no-text-encoder", "--out-dir", str(out)]) == 0
+    r = json.loads((out / "benchmark.json").read_text())
+    assert not r.get("errors"), r.get("errors")
+    (case,) = r["peer"]["cases"]
+    ch = case["checks"]
+    assert case["outputs_agree_1e-5"] and ch["output_scale"] > 1e-3 and ch["train_grad_max_abs_diff"] < 1e-6
+    rows = {row["work"].split(",")[0].split(" (")[0]: row for row in case["rows"]}
+    assert all(row["ours_s"] > 0 for row in case["rows"])
+    assert rows["bidirectional forward"]["peer_s"] > 0 and rows["KV-cached generation"]["peer_s"] is None
+    assert "no chunk" in case["rows"][1]["note"] and "no KV cache" in case["rows"][3]["note"]
+    assert "Against diffusers.WanTransformer3DModel" in (out / "benchmark.md").read_text()
+    with pytest.raises(ValueError, match="unknown peer cases"):
+        from causvid.benchmark.options import BenchOptions
+
+        BenchOptions(sections=("peer",), peer_cases=("nope",)).resolved()
