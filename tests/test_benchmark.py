@@ -89,8 +89,15 @@ def test_flop_model_equals_flop_counter_on_tiny_dit():
         # bidirectional forward (context K/V projected in the forward)
         counted, _ = B.count_flops(lambda: model(x, t, ctx))
         assert counted == B.dit_forward_flops(cfg, batch=1, frames=4, tokens_per_frame=S).total
-        # block-causal with a dense mask executes all L^2 pairs
+        # block-causal: one SDPA per chunk over its key prefix executes only the kept pairs ...
         counted, _ = B.count_flops(lambda: model(x, t, ctx, layout=ChunkLayout(2)))
+        kept = B.block_causal_pairs(ChunkLayout(2), 4, S)
+        assert kept < (4 * S) ** 2
+        assert counted == B.dit_forward_flops(cfg, batch=1, frames=4, tokens_per_frame=S, attn_pairs=kept).total
+        # ... one SDPA with the dense mask (attention="sdpa_mask") all L^2 pairs
+        model.attention = "sdpa_mask"
+        counted, _ = B.count_flops(lambda: model(x, t, ctx, layout=ChunkLayout(2)))
+        model.attention = "sdpa"
         assert counted == B.dit_forward_flops(cfg, batch=1, frames=4, tokens_per_frame=S, attn_pairs=(4 * S) ** 2).total
         # second chunk against a KV cache holding 4 frames, cross-attention cache ready
         cache, cross = model.new_kv_cache(1, 4, S), CrossAttnCache()
