@@ -212,7 +212,7 @@ class Config:
 
 # Allowed values of the string choices, by dotted key.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.attention": ("auto", "sdpa", "flex"),
+    "model.attention": ("auto", "sdpa", "sdpa_mask", "flex"),
     "model.dtype": ("float32", "bfloat16"),
     "vae.size": ("tiny", "toy", "wan2.1"),
     "text.kind": ("toy", "umt5", "tiny-umt5"),

@@ -89,8 +89,15 @@ def test_flop_model_equals_flop_counter_on_tiny_dit():
         # bidirectional forward (context K/V projected in the forward)
         counted, _ = B.count_flops(lambda: model(x, t, ctx))
         assert counted == B.dit_forward_flops(cfg, batch=1, frames=4, tokens_per_frame=S).total
-        # block-causal with a dense mask executes all L^2 pairs
+        # block-causal: one SDPA per chunk over its key prefix executes only the kept pairs ...
         counted, _ = B.count_flops(lambda: model(x, t, ctx, layout=ChunkLayout(2)))
+        kept = B.block_causal_pairs(ChunkLayout(2), 4, S)
+        assert kept < (4 * S) ** 2
+        assert counted == B.dit_forward_flops(cfg, batch=1, frames=4, tokens_per_frame=S, attn_pairs=kept).total
+        # ... one SDPA with the dense mask (attention="sdpa_mask") all L^2 pairs
+        model.attention = "sdpa_mask"
+        counted, _ = B.count_flops(lambda: model(x, t, ctx, layout=ChunkLayout(2)))
+        model.attention = "sdpa"
         assert counted == B.dit_forward_flops(cfg, batch=1, frames=4, tokens_per_frame=S, attn_pairs=(4 * S) ** 2).total
         # second chunk against a KV cache holding 4 frames, cross-attention cache ready
         cache, cross = model.new_kv_cache(1, 4, S), CrossAttnCache()
@@ -198,3 +205,29 @@ def test_script_smoke_run_writes_json_and_markdown(tmp_path, restore_threads):
     assert mod.main(["--merge", str(out / "benchmark.json"), str(out / "benchmark.json"), "--out-dir", str(merged)]) == 0
     m = json.loads((merged / "benchmark.json").read_text())
     assert len(m["meta"]["commands"]) == 2 and m["student"] == r["student"] and m["targets"] == r["targets"]
+
+
+def test_peer_section_runs_the_same_work_on_diffusers(tmp_path, restore_threads):
+    """``--sections peer``: ours and diffusers.WanTransformer3DModel on the same weights and inputs agree, every
+    work row is timed (the peer's missing chunk mask / KV cache stated), and the markdown has the table."""
+    pytest.importorskip("diffusers")
+    from causvid.benchmark.cli import main
+
+    out = tmp_path / "peer"
+    assert main(["--size", "tiny", "--quick", "--height", "16", "--width", "16", "--frames", "9", "--chunk", "1",
+                 "--steps", "2", "--threads", "1", "--sections", "peer", "--peer-cases", "bench", "--no-vae",
+                 "--no-text-encoder", "--out-dir", str(out)]) == 0
+    r = json.loads((out / "benchmark.json").read_text())
+    assert not r.get("errors"), r.get("errors")
+    (case,) = r["peer"]["cases"]
+    ch = case["checks"]
+    assert case["outputs_agree_1e-5"] and ch["output_scale"] > 1e-3 and ch["train_grad_max_abs_diff"] < 1e-6
+    rows = {row["work"].split(",")[0].split(" (")[0]: row for row in case["rows"]}
+    assert all(row["ours_s"] > 0 for row in case["rows"])
+    assert rows["bidirectional forward"]["peer_s"] > 0 and rows["KV-cached generation"]["peer_s"] is None
+    assert "no chunk" in case["rows"][1]["note"] and "no KV cache" in case["rows"][3]["note"]
+    assert "Against diffusers.WanTransformer3DModel" in (out / "benchmark.md").read_text()
+    with pytest.raises(ValueError, match="unknown peer cases"):
+        from causvid.benchmark.options import BenchOptions
+
+        BenchOptions(sections=("peer",), peer_cases=("nope",)).resolved()

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Optional
 
-from causvid.benchmark.options import SECTIONS, SIZE_DEFAULTS, BenchOptions
+from causvid.benchmark.options import OPTIONAL_SECTIONS, SECTIONS, SIZE_DEFAULTS, BenchOptions
 from causvid.benchmark.report import merge_results, render_markdown, write_reports
 from causvid.benchmark.sections import run_benchmark
 
@@ -53,7 +53,7 @@ def build_arg_parser():
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
     p.add_argument("--no-optimizer-step", dest="optimizer_step", action="store_false",
                    help="time forward + backward only in the DMD step")
-    p.add_argument("--attention", default=d.attention, choices=["auto", "sdpa", "flex"],
+    p.add_argument("--attention", default=d.attention, choices=["auto", "sdpa", "sdpa_mask", "flex"],
                    help="block-causal mask backend (training, recomputation); auto: flex on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
     p.add_argument("--compile-mode", default=None, help="e.g. max-autotune-no-cudagraphs")
@@ -66,7 +66,12 @@ def build_arg_parser():
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s for MFU (default: 989 on CUDA, a measured matmul peak on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma list of {','.join(SECTIONS + OPTIONAL_SECTIONS)} (default: all but "
+                        f"{','.join(OPTIONAL_SECTIONS)}; peer: the same work on diffusers.WanTransformer3DModel)")
+    p.add_argument("--peer-cases", default=",".join(d.peer_cases),
+                   help="cases of the peer section: bench (the --size DiT at the benchmark's latents), wan-mini "
+                        "(dim 256, 4 layers, 21x24x24 latents)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="CI smoke run: 1 rep, short sweeps")
     p.add_argument("--out-dir", default=None, help="where benchmark.json / .md go (default runs/benchmark/<size>_<device>)")
@@ -93,6 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions) if hasattr(args, f.name)}
     kw["sections"] = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    kw["peer_cases"] = tuple(s.strip() for s in args.peer_cases.split(",") if s.strip())
     kw["command"] = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     opts = BenchOptions(**kw)
     try:

@@ -104,6 +104,16 @@ class Stats:
         return cls(statistics.median(v), min(v), max(v), len(v), v)
 
 
+def _malloc_trim() -> None:
+    """glibc ``malloc_trim(0)`` where available (a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class MemoryMeter:
     """Peak memory of a region: CUDA max allocated, or the CPU process's peak RSS (``VmHWM``)."""
 
@@ -124,8 +134,20 @@ class MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind == "cpu_peak_rss":
+            _malloc_trim()  # freed heap pages go back to the OS, so the reset peak starts at what is in use
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+
+    def current_bytes(self) -> int:
+        """What is in use now (CUDA allocated / CPU resident set): the baseline a peak is read against."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        _malloc_trim()
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
 
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
@@ -136,6 +158,31 @@ class MemoryMeter:
                     if line.startswith("VmHWM:"):
                         return int(line.split()[1]) * 1024
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def torch_cpu_alloc_peak(fn: Callable[[], Any], allocations: Optional[list] = None) -> tuple[int, Any]:
+    """``(peak bytes held by new torch CPU tensors during fn(), fn's result)``, from the profiler's memory events.
+
+    Exact at op granularity, independent of the C allocator's caching (which makes the resident set a poor
+    meter for a few MiB): each op's net allocation is added at its start, frees outside ops when they happen.
+    ``allocations`` (a list) receives every op's positive net allocation in bytes.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    deltas = []
+    for e in prof.events():
+        d = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if d:
+            deltas.append((e.time_range.start, d))
+            if allocations is not None and d > 0:
+                allocations.append(d)
+    cur = peak = 0
+    for _, d in sorted(deltas, key=lambda x: x[0]):
+        cur += d
+        peak = max(peak, cur)
+    return peak, out
 
 
 def time_runs(fns: dict[str, Callable[[Recorder], Any]], clock: Clock, *, warmup: int, reps: int,

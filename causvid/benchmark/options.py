@@ -27,6 +27,8 @@ STEP_LISTS: dict[int, list[float]] = {
 }
 
 SECTIONS = ("flops", "student", "teacher", "kv", "steps", "batch", "dmd", "self_forcing")
+# Run only when named in ``--sections``: ``peer`` needs diffusers (the ``interop`` extra).
+OPTIONAL_SECTIONS = ("peer",)
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet dense bf16 (H100 / H200 SXM), performance.md §1.4
 
@@ -69,6 +71,7 @@ class BenchOptions:
     peak_tflops: Optional[float] = None
     threads: Optional[int] = None
     sections: Sequence[str] = SECTIONS
+    peer_cases: Sequence[str] = ("bench", "wan-mini")  # cases of the ``peer`` section (causvid/benchmark/peer.py)
     seed: int = 0
     quick: bool = False
     command: str = ""
@@ -87,9 +90,12 @@ class BenchOptions:
             o.lengths = tuple(o.lengths)[:2]
             o.sweep_steps = tuple(sorted({1, o.steps}))
             o.batch = min(o.batch, 2)
-        bad = [s for s in o.sections if s not in SECTIONS]
+        bad = [s for s in o.sections if s not in SECTIONS + OPTIONAL_SECTIONS]
         if bad:
-            raise ValueError(f"unknown sections {bad}; valid: {list(SECTIONS)}")
+            raise ValueError(f"unknown sections {bad}; valid: {list(SECTIONS + OPTIONAL_SECTIONS)}")
+        bad = [c for c in o.peer_cases if c not in ("bench", "wan-mini")]
+        if bad:
+            raise ValueError(f"unknown peer cases {bad}; valid: ['bench', 'wan-mini']")
         tf, sf = d["factors"]
         if (o.frames - 1) % tf:
             raise ValueError(f"--frames must be 1 + {tf}n (the VAE compresses time {tf}x), got {o.frames}")

@@ -154,6 +154,8 @@ def render_markdown(r: dict) -> str:
                 ("DMD training step", _md_dmd(r["dmd"], r["peak"]) if r.get("dmd") else None),
                 ("Self-Forcing DMD training step", _md_self_forcing(r["self_forcing"], r.get("dmd"))
                  if r.get("self_forcing") else None),
+                ("Against diffusers.WanTransformer3DModel (same weights, same inputs, interleaved)",
+                 _md_peer(r["peer"]) if r.get("peer") else None),
                 ("Targets (reported, not asserted)", _md_targets(r["targets"]))]
     fm = r.get("flop_model")
     if fm:
@@ -211,7 +213,23 @@ def write_plots(r: dict, out_dir: str, prefix: str) -> list[str]:
 
 
 _RESULT_KEY = {"flops": "flop_model", "student_teacher": "student", "kv": "kv_vs_recompute", "steps": "steps_sweep",
-               "batch": "batch", "dmd": "dmd", "self_forcing": "self_forcing"}
+               "batch": "batch", "dmd": "dmd", "self_forcing": "self_forcing", "peer": "peer"}
+
+
+def _md_peer(p: dict) -> str:
+    parts = [f"Peer: {p['peer']}; batch {p['batch']}, timestep {p['timestep']}. Ratio = ours / peer time "
+             "(< 1: ours faster)."]
+    for c in p["cases"]:
+        ch = c["checks"]
+        parts.append(f"**{c['case']}**: latents {c['latents']} ({c['tokens']} tokens), {c['params'] / 1e6:.2f} M "
+                     f"parameters; max abs diff forward {ch['forward_max_abs_diff']:.1e}, training forward "
+                     f"{ch['train_forward_max_abs_diff']:.1e}, patch-embedding grad {ch['train_grad_max_abs_diff']:.1e} "
+                     f"(output scale {ch['output_scale']:.2g}, grad scale {ch['grad_scale']:.2g}); memory: "
+                     f"{c['memory']}.")
+        parts.append(_table(["work", "ours (s)", "peer (s)", "ours / peer", "ours peak", "peer peak", "note"],
+                            [(r["work"], r["ours_s"], r["peer_s"], r["ratio"], _gb(r["ours_peak_bytes"]),
+                              _gb(r["peer_peak_bytes"]), r["note"]) for r in c["rows"]]))
+    return "\n\n".join(parts)
 
 
 def merge_results(runs: Sequence[dict]) -> dict:

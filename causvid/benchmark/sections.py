@@ -524,6 +524,10 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         results["dmd"] = _section(results, "dmd", lambda: section_dmd(w, peak))
     if "self_forcing" in o.sections:
         results["self_forcing"] = _section(results, "self_forcing", lambda: section_self_forcing(w))
+    if "peer" in o.sections:
+        from causvid.benchmark.peer import section_peer
+
+        results["peer"] = _section(results, "peer", lambda: section_peer(w))
     results["targets"] = targets(results)
     if hasattr(os, "getloadavg"):
         results["meta"]["loadavg_end"] = list(os.getloadavg())

@@ -4,8 +4,9 @@ Frames are grouped into chunks of ``k`` latent frames (optionally frame 0 alone,
 The chunk mask on frames is ``M[i, j] = 1 iff chunk(j) <= chunk(i)`` (full attention inside a chunk,
 causal across chunks), expanded to tokens frame-major (``wan_architecture.md`` §3.3).
 
-Backends: SDPA with an explicit boolean mask (CPU, tests), FlexAttention with a ``BlockMask`` (CUDA
-training), and plain unmasked SDPA over the KV cache (sampling: a query chunk sees the whole cache).
+Backends: unmasked SDPA per chunk over its key prefix (``sdpa``: CPU; the chunk mask makes every chunk's keys a
+prefix), SDPA with an explicit boolean mask (``sdpa_mask``: the reference), FlexAttention with a ``BlockMask``
+(CUDA training), and plain unmasked SDPA over the KV cache (sampling: a query chunk sees the whole cache).
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, d]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)  # [B, L, H, d]
+
+
+def prefix_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int, tokens_per_frame: int,
+                           layout: ChunkLayout) -> torch.Tensor:
+    """Block-causal attention as one unmasked SDPA per chunk: the queries of a chunk ending at frame ``f1`` see
+    exactly the keys of frames ``[0, f1)``, a prefix, so no mask is built and no masked score is computed
+    (7 chunks of 3 frames: 57% of the dense work). q, k, v [B, F*S, H, d] -> [B, F*S, H, d]."""
+    S = tokens_per_frame
+    outs = [sdpa(q[:, f0 * S:f1 * S], k[:, :f1 * S], v[:, :f1 * S]) for f0, f1 in layout.chunks(num_frames)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 @functools.lru_cache(maxsize=16)

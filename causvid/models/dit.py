@@ -26,6 +26,7 @@ from causvid.models.attention import (
     CrossAttnCache,
     KVCache,
     flex_chunk_attention,
+    prefix_chunk_attention,
     sdpa,
     token_chunk_mask,
 )
@@ -52,34 +53,51 @@ def rope_cos_sin(head_dim: int, frames: torch.Tensor, height: int, width: int, t
     """cos, sin of shape [len(frames) * height * width, head_dim / 2] (float32, float64 math).
 
     Token (f, h, w) gets the concatenated angles of its temporal, height and width positions; any
-    frame position works (no 1024-row table limit).
+    frame position works (no 1024-row table limit). cos / sin are taken per axis ([P, n/2] each) and then
+    laid out over the tokens: the same float64 angle gives the same value, so this equals taking cos / sin
+    of the whole [L, d/2] angle grid bit for bit, at a fraction of the transcendental work.
     """
     dims = rope_axis_dims(head_dim)
     dev = frames.device
 
-    def angles(pos: torch.Tensor, n: int) -> torch.Tensor:  # [P] -> [P, n/2]
+    def cos_sin(pos: torch.Tensor, n: int):  # [P] -> 2 x [P, n/2] float32
         inv = 1.0 / theta ** (torch.arange(0, n, 2, dtype=torch.float64, device=dev) / n)
-        return pos.double()[:, None] * inv[None]
+        ang = pos.double()[:, None] * inv[None]
+        return torch.cos(ang).float(), torch.sin(ang).float()
 
-    at = angles(frames, dims[0])  # [Fq, dt/2]
-    ah = angles(torch.arange(height, device=dev), dims[1])  # [H', dh/2]
-    aw = angles(torch.arange(width, device=dev), dims[2])  # [W', dw/2]
-    Fq = at.shape[0]
-    ang = torch.cat([
-        at[:, None, None, :].expand(Fq, height, width, -1),
-        ah[None, :, None, :].expand(Fq, height, width, -1),
-        aw[None, None, :, :].expand(Fq, height, width, -1),
-    ], dim=-1).reshape(Fq * height * width, head_dim // 2)  # (f h w) tokens, frame-major
-    return torch.cos(ang).float(), torch.sin(ang).float()
+    axes = (cos_sin(frames, dims[0]), cos_sin(torch.arange(height, device=dev), dims[1]),
+            cos_sin(torch.arange(width, device=dev), dims[2]))
+    Fq = frames.shape[0]
+
+    def grid(i: int) -> torch.Tensor:  # (f h w) tokens, frame-major: [Fq * H * W, d/2]
+        at, ah, aw = (a[i] for a in axes)
+        return torch.cat([
+            at[:, None, None, :].expand(Fq, height, width, -1),
+            ah[None, :, None, :].expand(Fq, height, width, -1),
+            aw[None, None, :, :].expand(Fq, height, width, -1),
+        ], dim=-1).reshape(Fq * height * width, head_dim // 2)
+
+    return grid(0), grid(1)
+
+
+def rope_freqs(head_dim: int, frames: torch.Tensor, height: int, width: int, theta: float = 10000.0) -> torch.Tensor:
+    """The RoPE rotations as complex64 ``cos + i sin`` [L, head_dim / 2] (see :func:`rope_cos_sin`)."""
+    return torch.complex(*rope_cos_sin(head_dim, frames, height, width, theta))
+
+
+def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (2j, 2j+1) of x [B, L, H, d] by ``freqs`` [L, d/2] (complex64).
+
+    One complex multiply: ``(a + ib)(c + is) = (ac - bs) + i(as + bc)``, the same float32 products and sums as
+    the pair-wise formula (bit-equal on the CPU), in one pass over x instead of seven.
+    """
+    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))  # [B, L, H, d/2]
+    return torch.view_as_real(xc * freqs[None, :, None, :]).flatten(-2).to(x.dtype)  # [B, L, H, d]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs (2j, 2j+1) of x [B, L, H, d] by the angles of [L, d/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, L, H, d/2, 2]
-    a, b = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)  # [B, L, H, d]
-    return out.to(x.dtype)
+    return rotate(x, torch.complex(cos.float(), sin.float()))
 
 
 class RMSNorm(nn.Module):
@@ -127,7 +145,7 @@ class SelfAttention(_Projections):
         q = self.norm_q(self.q(h)).unflatten(-1, (self.num_heads, -1))
         k = self.norm_k(self.k(h)).unflatten(-1, (self.num_heads, -1))
         v = self.v(h).unflatten(-1, (self.num_heads, -1))
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = rotate(q, rope), rotate(k, rope)  # rope: complex64 [L, d/2]
         q, k = q.to(v.dtype), k.to(v.dtype)
         out = attn(layer, q, k, v)  # [B, L, H, d]
         return self.o(out.flatten(2))  # [B, L, D]
@@ -200,9 +218,12 @@ class Head(nn.Module):
 class WanDiT(nn.Module):
     """Wan2.1 DiT. ``forward`` returns the flow ``v = eps - x0`` as [B, F, C, H, W] float32."""
 
+    ROPE_CACHE_SIZE = 8  # RoPE tables kept (one per chunk position / clip shape)
+
     def __init__(self, cfg: DiTConfig, *, attention: str = "auto", gradient_checkpointing: bool = False):
         super().__init__()
         self.cfg = cfg
+        self._rope_tables: dict[tuple, torch.Tensor] = {}  # (start, F', H', W', device) -> complex64 [L, d/2]
         self.attention = attention
         self.gradient_checkpointing = gradient_checkpointing
         D = cfg.dim
@@ -297,8 +318,7 @@ class WanDiT(nn.Module):
             if cross_cache is not None:
                 cross_cache.kv, sink = {}, {}
 
-        frame_pos = torch.arange(start_frame, start_frame + Fp, device=x.device)
-        rope = rope_cos_sin(self.cfg.head_dim, frame_pos, Hp, Wp, self.cfg.rope_theta)
+        rope = self.rope(start_frame, Fp, Hp, Wp, x.device)
         attn = self._attention_fn(Fp, S, layout, kv_cache, start_frame, x.device)
 
         for i, blk in enumerate(self.blocks):
@@ -317,6 +337,24 @@ class WanDiT(nn.Module):
                         pt=pt, ph=self.cfg.patch_size[1], pw=self.cfg.patch_size[2])
         return out
 
+    def rope(self, start_frame: int, Fp: int, Hp: int, Wp: int, device) -> torch.Tensor:
+        """The RoPE rotations of frames ``[start_frame, start_frame + Fp)`` (complex64 [Fp*Hp*Wp, d/2]), kept in a
+        small table cache: the sampler runs every chunk position ``steps + 1`` times and a teacher every step at
+        the same positions. :meth:`free_caches` empties it."""
+        key = (start_frame, Fp, Hp, Wp, str(device))
+        table = self._rope_tables.pop(key, None)
+        if table is None:
+            frames = torch.arange(start_frame, start_frame + Fp, device=device)
+            table = rope_freqs(self.cfg.head_dim, frames, Hp, Wp, self.cfg.rope_theta)
+        self._rope_tables[key] = table  # most recently used last
+        while len(self._rope_tables) > self.ROPE_CACHE_SIZE:
+            self._rope_tables.pop(next(iter(self._rope_tables)))
+        return table
+
+    def free_caches(self) -> None:
+        """Drop the cached RoPE tables (rebuilt on demand)."""
+        self._rope_tables.clear()
+
     def _attention_fn(self, Fp: int, S: int, layout, kv_cache, start_frame: int, device):
         """Returns ``attn(layer, q, k, v) -> out`` for the selected use."""
         if kv_cache is not None:
@@ -329,6 +367,10 @@ class WanDiT(nn.Module):
             backend = "flex" if device.type == "cuda" else "sdpa"
         if backend == "flex":
             return lambda layer, q, k, v: flex_chunk_attention(q, k, v, Fp, S, layout)
+        if backend == "sdpa":
+            return lambda layer, q, k, v: prefix_chunk_attention(q, k, v, Fp, S, layout)
+        if backend != "sdpa_mask":
+            raise ValueError(f"unknown attention backend {backend!r}; valid: auto, sdpa, sdpa_mask, flex")
         mask = token_chunk_mask(Fp, S, layout).to(device)
         return lambda layer, q, k, v: sdpa(q, k, v, mask)
 

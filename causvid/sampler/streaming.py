@@ -125,8 +125,13 @@ def _as_image_tensor(image: Any) -> torch.Tensor:
 
 def _uint8_frames(frames: torch.Tensor) -> np.ndarray:
     """[B, t, 3, H, W] in [-1, 1] -> uint8 [B, t, H, W, 3] (same rounding as ``video_io.to_uint8``)."""
+    return _uint8_on_device(frames).cpu().numpy()
+
+
+def _uint8_on_device(frames: torch.Tensor) -> torch.Tensor:
+    """As :func:`_uint8_frames`, left on the frames' device (no host synchronisation)."""
     x = ((frames.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 1, 3, 4, 2).cpu().numpy()
+    return x.permute(0, 1, 3, 4, 2)
 
 
 class _FramePump:
@@ -205,6 +210,7 @@ class CausalSampler:
         self.cfg = cfg
         self._kv_pool: dict[tuple, KVCache] = {}
         self._in_use: set[int] = set()  # ids of caches held by unfinished streams
+        self._cross_pool: dict[int, tuple] = {}  # branch -> (context, weights signature, CrossAttnCache)
         self.kv_caches: list[KVCache] = []
         self._check_geometry()
 
@@ -404,10 +410,37 @@ class CausalSampler:
         self._in_use.add(id(cache))
         return cache
 
+    def _cross_cache(self, key: int, context: torch.Tensor) -> CrossAttnCache:
+        """The cross-attention K/V of the previous call when it was made from the same context by the same weights
+        (checked once per call, before the chunk loop), else a new, empty cache."""
+        sig = self._cross_signature()
+        hit = self._cross_pool.get(key)
+        if hit is not None and id(hit[2]) not in self._in_use and hit[1] == sig and hit[2].ready:
+            ctx = hit[0]
+            if ctx is context or (ctx.shape == context.shape and ctx.dtype == context.dtype
+                                  and ctx.device == context.device and torch.equal(ctx, context)):
+                self._in_use.add(id(hit[2]))
+                return hit[2]
+        cache = CrossAttnCache()
+        self._in_use.add(id(cache))
+        return cache
+
+    def _cross_signature(self) -> tuple:
+        """The identity and in-place version of every weight: an optimiser step or a load changes it."""
+        return tuple((id(p), p._version) for p in self.model.parameters())
+
+    def _keep_cross(self, key: int, branch: "_Branch") -> None:
+        self._in_use.discard(id(branch.cross))
+        if branch.cross.ready:
+            self._cross_pool[key] = (branch.context, self._cross_signature(), branch.cross)
+
     def free_caches(self) -> None:
-        """Drop the preallocated KV caches (they are otherwise kept for the next call of the same shape); a cache
-        an unfinished stream holds lives on until that stream ends."""
+        """Drop every cache kept for the next call: the preallocated KV caches, the cross-attention K/V of the
+        last prompts and the model's RoPE tables (all are rebuilt on demand)."""
         self._kv_pool.clear()
+        self._cross_pool.clear()
+        if hasattr(self.model, "free_caches"):
+            self.model.free_caches()
         self.kv_caches = []
 
     def with_options(self, **kw) -> "CausalSampler":
@@ -426,7 +459,7 @@ class CausalSampler:
         opts.update(kw)
         return CausalSampler(self.model, self.vae, self.text_encoder, layout=self.layout, height=self.height,
                              width=self.width, offload_text=self.offload_text, device=self.device, cfg=self.cfg,
-                             **opts)
+                             decoder=self.decoder, **opts)
 
     # -- noise ---------------------------------------------------------------------------------------------------
 
@@ -443,8 +476,12 @@ class CausalSampler:
         return [torch.Generator().manual_seed(s) for s in seeds]
 
     def _randn(self, gens: list[torch.Generator], shape: tuple) -> torch.Tensor:
-        """[B, *shape] float32: sample b drawn from its own CPU generator (device independent)."""
-        return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(self.device)
+        """[B, *shape] float32: sample b drawn from its own CPU generator (device independent); copied to a GPU
+        from pinned memory without blocking (a pageable copy would synchronise the chunk loop)."""
+        x = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
 
     # -- the rollout engine -----------------------------------------------------------------------------------------
 
@@ -524,9 +561,10 @@ class CausalSampler:
 
         caches = [self._kv_cache(i, B, capacity, sink, S_tok) for i in range(2 if self.guidance != 1.0 else 1)]
         self.kv_caches = caches  # the caches of the latest rollout (inspect memory / resident frames)
-        branches = [_Branch(contexts[0], caches[0], CrossAttnCache())]
+        branches = [_Branch(contexts[0], caches[0], self._cross_cache(0, contexts[0]))]
         if self.guidance != 1.0:
-            branches.append(_Branch(contexts[-1].expand(B, -1, -1), caches[1], CrossAttnCache()))
+            neg = contexts[-1].expand(B, -1, -1)
+            branches.append(_Branch(neg, caches[1], self._cross_cache(1, neg)))
         keep_resident = (recache and any(c > 0 for c in sched)) or live is not None
         resident: list[_Resident] = []
 
@@ -587,6 +625,8 @@ class CausalSampler:
         finally:
             for cache in caches:
                 self._in_use.discard(id(cache))
+            for i, br in enumerate(branches):  # kept for the next call with the same prompts
+                self._keep_cross(i, br)
 
     def _chunk_ranges(self, total: Optional[int]) -> Iterator[tuple[int, int]]:
         if total is not None:
@@ -625,8 +665,8 @@ class CausalSampler:
         with torch.no_grad():
             for _, _, lat in self.stream_latents(prompts, num_chunks, num_frames, seed, **kw):
                 lats.append(lat)
-                frames.append(_uint8_frames(dec.push(lat)))
-        video = np.concatenate(frames, axis=1)
+                frames.append(_uint8_on_device(dec.push(lat)))  # copied to the host once, after the loop
+        video = torch.cat(frames, dim=1).cpu().numpy()
         video = video if batched else video[0]
         return (video, torch.cat(lats, dim=1)) if return_latents else video
 
