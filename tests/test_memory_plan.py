@@ -43,19 +43,19 @@ def saved_bytes(model: WanDiT, x, t, ctx, layout, bf16: bool) -> int:
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, "sdpa", "sdpa_mask"])
 @pytest.mark.parametrize("shape", [(2, 4, 6, 10), (1, 3, 4, 14)])  # B, latent F, h, w
 def test_activation_table_equals_what_autograd_saves(bf16, causal, shape):
-    """root + layers x block bytes of the formula == the bytes saved_tensors_hooks sees, exactly (no mask /
-    the CPU chunk mask; fp32 / bf16 autocast; two shapes, so every coefficient is pinned)."""
+    """root + layers x block bytes of the formula == the bytes saved_tensors_hooks sees, exactly (no mask / per-chunk
+    prefix SDPA / the chunk mask; fp32 / bf16 autocast; two shapes, so every coefficient is pinned)."""
     d = DiTConfig(dim=48, ffn_dim=80, num_heads=2, num_layers=3, freq_dim=16, text_dim=24, text_len=7, in_dim=4, out_dim=4)
     torch.manual_seed(0)
-    model = WanDiT(d, attention="sdpa")
+    model = WanDiT(d, attention=causal or "sdpa")
     B, F, h, w = shape
     x, t, ctx = torch.randn(B, F, 4, h, w), torch.rand(B) * 1000, torch.randn(B, 5, 24)
     layout = ChunkLayout(1) if causal else None
     got = saved_bytes(model, x, t, ctx, layout, bf16)
-    acts = MP.dit_activations(d, B, (F, 4, h, w), bf16=bf16, attention="mask" if causal else "full")
+    acts = MP.dit_activations(d, B, (F, 4, h, w), bf16=bf16, attention={False: "full", "sdpa": "prefix", "sdpa_mask": "mask"}[causal])
     assert acts.full == got
 
 
@@ -90,12 +90,14 @@ def test_small_plan_line_by_line_by_hand():
     umt5 = 512 * 24 + 2 * (24 + 4 * 24 * 24 + 24 + 3 * 24 * 48 + 32 * 2) + 24  # tiny umT5, fp32
     # activations: B 2, 3 frames x 2x2 tokens: L 12, N 24; D 32, Fd 64, H 2, Lc 8, head_dim 16
     blk_full = 24 * 32 * 22 * 4 + 24 * 64 * 2 * 4 + 2 * 8 * 32 * 4 * 4 + 4 * 24 * (9 + 4) + 4 * 2 * 8 + 4 * 2 * 3 * 8 * 32
-    blk_mask = blk_full + 12 * 12 * 4  # the generator is block-causal: SDPA's float chunk mask on the CPU
+    # the generator is block-causal: on the CPU one SDPA per chunk over its key prefix (attention "sdpa"), which keeps
+    # the chunk outputs and their concatenation (the output projection's input): one more [N, D] fp32
+    blk_causal = blk_full + 24 * 32 * 4
     root_act = 2 * 3 * 4 * 4 * 4 * 4 + (2 * 3 * (16 + 4 * 32) * 4 + 2 * 3 * 32 * 4) \
         + (2 * 8 * (24 + 64) * 4 + 2 * 8 * 32 * 4) + (24 * 32 * 12 + 24 * 8) + 12 * 16 * 4
-    assert (blk_full, blk_mask, root_act) == (95520, 96096, 23616)
-    acts_off = root_act + 2 * blk_mask
-    acts_on = root_act + 2 * 24 * 32 * 4 + blk_mask
+    assert (blk_full, blk_causal, root_act) == (95520, 98592, 23616)
+    acts_off = root_act + 2 * blk_causal
+    acts_on = root_act + 2 * 24 * 32 * 4 + blk_causal
     expect = {
         ("resident", "weights: generator"): P * 4 // 2,
         ("resident", "weights: critic"): P * 4 // 2,
@@ -104,7 +106,7 @@ def test_small_plan_line_by_line_by_hand():
         ("update", "gradients (the network being updated)"): P * 4 // 2,
         ("update", "activations, checkpointing off"): acts_off,
         ("update", "activations, checkpointing on"): acts_on,
-        ("update", "one block's working set (forward / backward)"): blk_mask,
+        ("update", "one block's working set (forward / backward)"): blk_causal,
         ("update", "FSDP2: gathered root + 2 blocks, 1 block's grads"): (root + 2 * block) * 4 + block * 4,
         ("update", "AdamW step workspace"): 2 * 64 * 32 * 4,
         ("setup", "generator (whole)"): P * 4,
@@ -121,8 +123,8 @@ def test_small_plan_line_by_line_by_hand():
     resident = 3 * P * 2 + 2 * P * 4
     fsdp = (root + 2 * block) * 4 + block * 4
     assert plan.peaks == {
-        "train (checkpointing off)": resident + fsdp + blk_mask + max(acts_off, P * 2),
-        "train (checkpointing on)": resident + fsdp + blk_mask + max(acts_on, P * 2),
+        "train (checkpointing off)": resident + fsdp + blk_causal + max(acts_off, P * 2),
+        "train (checkpointing on)": resident + fsdp + blk_causal + max(acts_on, P * 2),
         # the CPU rehearsal: every network whole on the host, then the text encoder, or a shard being made
         "setup": 3 * P * 4 + max(umt5 * 4, P * 2),
     }

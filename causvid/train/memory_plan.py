@@ -178,13 +178,14 @@ def vae_params(cfg) -> int:
 
 # ------------------------------------------------------------------------------------ activations
 def _attention_kind(cfg, launch: LaunchSetup, causal: bool) -> str:
-    """How a block attends: ``full`` (SDPA, no mask), ``mask`` (SDPA with the chunk mask), ``flex`` (FlexAttention)."""
+    """How a block attends: ``full`` (SDPA, no mask), ``prefix`` (one unmasked SDPA per chunk over its key prefix:
+    ``sdpa``), ``mask`` (SDPA with the chunk mask: ``sdpa_mask``), ``flex`` (FlexAttention)."""
     if not causal:
         return "full"
     backend = str(cfg.model.attention)
     if backend == "auto":
         backend = "flex" if launch.device == "cuda" else "sdpa"
-    return "flex" if backend == "flex" else "mask"
+    return {"flex": "flex", "sdpa_mask": "mask"}.get(backend, "prefix")
 
 
 def block_activation_bytes(d: DiTConfig, batch: int, frames: int, tokens_per_frame: int, *, bf16: bool,
@@ -205,6 +206,10 @@ def block_activation_bytes(d: DiTConfig, batch: int, frames: int, tokens_per_fra
         [B, Lc] RMSNorm statistic                     4 B                 4 B
         [B, F', D] per-frame modulation               8 x 4 B             8 x 4 B
         [L, L] chunk mask (``attention="mask"``)      4 B                 2 B
+        [N, D] concatenated chunk outputs             4 B                 2 B
+          (``attention="prefix"``, > 1 chunk: the
+          per-chunk outputs and their concatenation,
+          the output projection's input, are both kept)
 
     FlexAttention (``attention="flex"``, CUDA) saves its own padded copies of q, k, v and the output
     (``Lp`` = L rounded up to 128) and its log-sum-exp instead of the four unpadded ones, plus the output
@@ -222,6 +227,8 @@ def block_activation_bytes(d: DiTConfig, batch: int, frames: int, tokens_per_fra
     total = tokens + ffn + ctx + small
     if attention == "mask":
         total += L * L * e
+    elif attention == "prefix":
+        total += N * D * e
     elif attention == "flex":
         Lp = -(-L // 128) * 128
         total += -4 * N * D * e - 4 * B * H * L + 4 * B * Lp * D * e + 4 * B * H * Lp + N * D * e
