@@ -7,6 +7,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is many times faster than two on a shared, loaded 2-core CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # Copies of ../shared/reference/*.tsv (every tensor name and shape of the official checkpoints).
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "reference")
 

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 P1, P2, P3 = "a red circle moving left quickly on black", "a blue square moving up slowly on stripes", \
     "a green triangle moving right"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -160,14 +160,6 @@ def open_page(driver, url: str):
 # ------------------------------------------------------------------------------------------------------------
 # The test
 # ------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

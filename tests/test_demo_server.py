@@ -21,15 +21,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from causvid.demo.app import create_app  # noqa: E402
 from causvid.demo.streams import StreamManager  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def text_sensitive(model, scale: float = 30.0):

@@ -10,15 +10,9 @@ from test_sampler import P1, P2, make_sampler
 
 from causvid.sampler import LivePrompt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 P3 = "a green triangle moving right"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def live_run(s, changes: dict, num_chunks: int, seed: int, **kw):

@@ -16,13 +16,7 @@ from causvid.models.weights import WeightsError
 from causvid.train.decoder_cli import main as train_decoder_main
 from causvid.train.decoder_trainer import DecoderTrainOptions
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomized(arch: TinyDecoderArch, seed: int = 0) -> TinyDecoder:

@@ -10,7 +10,6 @@ against the frames, and of the tiny decoder against the VAE.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +19,7 @@ import torch
 
 from causvid.models.tiny_decoder import TinyDecoder, TinyDecoderArch, save_tiny_decoder
 from causvid.train.lr import lr_multiplier
+from causvid.train.vae_trainer import psnr
 
 
 @dataclass
@@ -67,11 +67,6 @@ class DecoderTrainOptions:
         return opt
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2)."""
-    return 10 * math.log10(4.0 / max(float((x.float() - y.float()).pow(2).mean()), 1e-12))
-
-
 @torch.no_grad()
 def encode_pool(vae, videos: Sequence[torch.Tensor], target: str, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[(latents [F, z, h, w], target pixels [T, 3, H, W])]`` for each ``[T, 3, H, W]`` video."""
@@ -106,9 +101,9 @@ def evaluate(decoder: TinyDecoder, vae, videos: Sequence[torch.Tensor], device) 
         x = v[None].to(device)
         z = vae.encode(x)
         a, b = decoder.decode(z), vae.decode(z)
-        tiny.append(psnr(a, x))
-        full.append(psnr(b, x))
-        vs.append(psnr(a, b))
+        tiny.append(float(psnr(a, x)[0]))
+        full.append(float(psnr(b, x)[0]))
+        vs.append(float(psnr(a, b)[0]))
     n = max(len(videos), 1)
     return {"psnr_tiny": sum(tiny) / n, "psnr_vae": sum(full) / n, "psnr_tiny_vs_vae": sum(vs) / n,
             "eval_videos": len(videos)}
