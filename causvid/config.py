@@ -376,6 +376,21 @@ def _validate_lora(cfg: DictConfig) -> None:
                           "backward pass would run with the adapter of the role that ran last")
 
 
+FOLDER_PATH_KEYS = ("vae.path", "text.path", "text.tokenizer_path", "sampler.tiny_decoder_path")
+
+
+def resolve_folder_paths(cfg: DictConfig, folder: str | os.PathLike) -> DictConfig:
+    """An export folder's config may name its VAE / text encoder / decoder relative to the folder (the shipped
+    models under ``pretrained/`` do): such a path that does not exist as given but does from ``folder`` is made
+    ``folder``-relative. Absolute paths and paths valid from the working directory are kept. In place; returns cfg."""
+    for key in FOLDER_PATH_KEYS:
+        sect, name = key.split(".")
+        p = cfg[sect][name]
+        if p and not os.path.isabs(p) and not os.path.exists(p) and os.path.exists(os.path.join(folder, p)):
+            cfg[sect][name] = os.path.normpath(os.path.join(folder, p))
+    return cfg
+
+
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (atomically) next to a run."""
     tmp = f"{path}.tmp"

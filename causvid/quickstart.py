@@ -1,6 +1,10 @@
 """The embedded default end to end: toy world -> VAE -> teacher -> ODE pairs -> ODE init -> DMD -> streamed samples.
 
-Every stage runs the same scripts a user runs (``scripts/train_vae.py``, ``encode_latents.py``, ``train_teacher.py``,
+By default the VAE, the text encoder and the bidirectional teacher are the shipped pretrained toy models
+(``pretrained/toy``, verified against their provenance, :mod:`causvid.pretrained`): the run distils a teacher the
+user already has, as the real use does with Wan2.1 (preset ``pretrained``). ``from_scratch=True``
+(``--from-scratch``) trains every model from the toy world instead (presets ``smoke`` / ``fast`` / ``default`` /
+``full``). Every stage runs the same scripts a user runs (``scripts/train_vae.py``, ``encode_latents.py``, ``train_teacher.py``,
 ``build_ode_pairs.py``, ``train_ode.py``, ``train_dmd.py``) with the toy configs in ``configs/toy/``, as subprocesses,
 so the quickstart is exactly the documented pipeline with fewer steps. A finished stage is skipped on a re-run
 (its output file exists); an interrupted training stage resumes from its last checkpoint.
@@ -47,6 +51,9 @@ class Preset:
 
 
 PRESETS = {
+    # The default: distil the shipped teacher (pretrained/toy); vae_steps / teacher_steps are unused.
+    "pretrained": Preset(vae_steps=0, num_videos=96, teacher_steps=0, ode_pairs=32, ode_steps=150, dmd_steps=60,
+                         eval_videos=8, teacher_eval_steps=50, ode_pair_steps=25),
     # CI: proves the whole chain runs; the numbers mean nothing.
     "smoke": Preset(vae_steps=6, num_videos=16, teacher_steps=6, ode_pairs=8, ode_steps=4, dmd_steps=5,
                     eval_videos=2, teacher_eval_steps=6, batch_size=4, checkpoint_every=1000, ode_pair_steps=25),
@@ -84,8 +91,15 @@ def preset_with(name: str, overrides: Sequence[str] = ()) -> Preset:
 
 class Pipeline:
     def __init__(self, root: str, preset: str, device: str = "cpu", log: Optional[Callable[[str], None]] = None,
-                 overrides: Sequence[str] = ()):
+                 overrides: Sequence[str] = (), pretrained: Optional[str] = None):
+        """``pretrained``: a folder of shipped toy models (``pretrained/toy``) whose VAE, text encoder and teacher the
+        run uses instead of training them; None trains everything from the toy world."""
         self.p = preset_with(preset, overrides)
+        self.pretrained = None
+        if pretrained is not None:
+            from causvid.pretrained import toy_model_path
+
+            self.pretrained = {n: toy_model_path(n, pretrained) for n in ("text", "vae", "teacher")}  # verified
         self.root = Path(root).resolve()
         self.preset_name = preset
         self.device = device
@@ -97,9 +111,15 @@ class Pipeline:
     def path(self, *parts: str) -> str:
         return str(self.root.joinpath(*parts))
 
+    def model_path(self, name: str) -> str:
+        """The VAE / text encoder file or the teacher's export folder: shipped, or trained by this run."""
+        if self.pretrained:
+            return self.pretrained[name]
+        return {"vae": self.path("vae", "vae.safetensors"), "text": self.path("text", "text_encoder.safetensors"),
+                "teacher": self.path("teacher", "final")}[name]
+
     def common(self) -> list[str]:
-        return [f"vae.path={self.path('vae', 'vae.safetensors')}",
-                f"text.path={self.path('text', 'text_encoder.safetensors')}",
+        return [f"vae.path={self.model_path('vae')}", f"text.path={self.model_path('text')}",
                 f"train.batch_size={self.p.batch_size}", f"train.checkpoint_every={self.p.checkpoint_every}"]
 
     def _run(self, name: str, script: str, args: list[str], done: str) -> None:
@@ -118,7 +138,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def text_encoder(self) -> None:
-        path = self.path("text", "text_encoder.safetensors")
+        path = self.model_path("text")
         if os.path.exists(path):
             return
         from causvid.models.text import ToyTextEncoder
@@ -127,6 +147,8 @@ class Pipeline:
         ToyTextEncoder(seed=0).save(path)  # frozen, deterministic from its seed (docs/text.md)
 
     def vae(self) -> None:
+        if self.pretrained:
+            return
         self._run("vae", "train_vae.py", ["--config", str(CONFIGS / "vae.yaml"), "--output", self.path("vae"),
                                           "--steps", str(self.p.vae_steps)], self.path("vae", "vae.safetensors"))
 
@@ -142,25 +164,27 @@ class Pipeline:
                                  f"train.max_steps={steps}", *extra], os.path.join(out, "final", "model.safetensors"))
 
     def teacher(self) -> None:
+        if self.pretrained:
+            return
         self.train("teacher", "train_teacher.py", "teacher.yaml", self.p.teacher_steps,
                    [f"data.path={self.path('latents')}", f"train.optim.decay_steps={self.p.teacher_decay_steps}"])
 
     def ode_pairs(self) -> None:
         self._run("ode_pairs", "build_ode_pairs.py",
                   ["--config", str(CONFIGS / "ode_pairs.yaml"), "--out", self.path("ode_pairs"), *self.common(),
-                   f"train.teacher_path={self.path('teacher', 'final')}", f"ode_pairs.output_dir={self.path('ode_pairs')}",
+                   f"train.teacher_path={self.model_path('teacher')}", f"ode_pairs.output_dir={self.path('ode_pairs')}",
                    f"ode_pairs.num_prompts={self.p.ode_pairs}",
                    f"ode_pairs.num_steps={self.p.ode_pair_steps}", f"ode_pairs.shard_size={max(8, self.p.ode_pairs // 4)}"],
                   self.path("ode_pairs", "index.json"))
 
     def ode(self) -> None:
         self.train("ode", "train_ode.py", "ode.yaml", self.p.ode_steps,
-                   [f"data.path={self.path('ode_pairs')}", f"train.init_from={self.path('teacher', 'final')}"])
+                   [f"data.path={self.path('ode_pairs')}", f"train.init_from={self.model_path('teacher')}"])
 
     def dmd(self) -> None:
         self.train("dmd", "train_dmd.py", "dmd.yaml", self.p.dmd_steps,
                    [f"data.path={self.path('latents')}", f"train.init_from={self.path('ode', 'final')}",
-                    f"train.teacher_path={self.path('teacher', 'final')}"])
+                    f"train.teacher_path={self.model_path('teacher')}"])
 
     # ------------------------------------------------------------------ evaluation and report
     def evaluate(self) -> dict:
@@ -180,7 +204,7 @@ class Pipeline:
         results, videos, timing = {}, {}, {}
         results["ground truth"] = E.score(gt, prompts, fps)
         videos["ground_truth"] = gt
-        teacher = E.TeacherRunner(self.path("teacher", "final"), device=self.device)
+        teacher = E.TeacherRunner(self.model_path("teacher"), device=self.device)
         results["ground truth, VAE round trip (ceiling)"] = E.score(E.vae_roundtrip(teacher.vae, gt), prompts, fps)
         self.log(f"[eval] teacher: {self.p.teacher_eval_steps} steps x CFG on {n} prompts")
         v, tm = teacher.generate(prompts, seeds, num_steps=self.p.teacher_eval_steps,
@@ -193,7 +217,8 @@ class Pipeline:
         for name, folder, key, keep in (("untrained causal student", "teacher", "untrained", False),
                                         ("ODE-init student", "ode", "ode", True), ("DMD student", "dmd", "dmd", True)):
             self.log(f"[eval] {name}")
-            st = E.StudentRunner(self.path(folder, "final"), device=self.device)
+            where = self.model_path("teacher") if folder == "teacher" else self.path(folder, "final")
+            st = E.StudentRunner(where, device=self.device)
             v, tm = st.generate(prompts, seeds)
             results[f"{name} ({len(st.sampler.steps)} steps/chunk)"] = E.score(v, prompts, fps)
             timing[key] = tm.seconds / n
@@ -231,7 +256,7 @@ class Pipeline:
                 first = time.perf_counter() - t0
             frames += len(chunk)
         total = time.perf_counter() - t0
-        teacher = E.TeacherRunner(self.path("teacher", "final"), device=self.device)
+        teacher = E.TeacherRunner(self.model_path("teacher"), device=self.device)
         t0 = time.perf_counter()
         v, _ = teacher.generate([prompt], [1], num_steps=50, guidance=6.0)
         t_total = time.perf_counter() - t0  # the teacher shows nothing before the whole clip is done
@@ -315,8 +340,10 @@ class Pipeline:
         from causvid.eval import toy_eval as E
 
         lines = [f"# causvid quickstart ({self.preset_name})", "",
-                 "Toy world -> VAE -> bidirectional teacher -> ODE pairs -> ODE init -> DMD -> streamed samples, on "
-                 f"`{self.device}`. Held-out prompts: {len(summary['prompts'])}.", "",
+                 (("Shipped toy VAE, text encoder and bidirectional teacher (`pretrained/toy`, provenance-checked) -> "
+                   if self.pretrained else "Toy world -> VAE -> bidirectional teacher -> ")
+                  + f"ODE pairs -> ODE init -> DMD -> streamed samples, on `{self.device}`. "
+                  f"Held-out prompts: {len(summary['prompts'])}."), "",
                  "## Toy-world metrics (mean ± std over prompts; higher is better)", "", E.table_header("s / video")]
         per = summary["seconds_per_video"]
         secs = {"ground truth": "", "teacher": per.get("teacher"), "untrained": per.get("untrained"),
@@ -395,19 +422,30 @@ class Pipeline:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
+    from causvid.pretrained import TOY_DIR, PretrainedError
+
     ap = argparse.ArgumentParser(description="Run the whole CausVid method on the built-in toy world.")
-    ap.add_argument("--fast", action="store_true", help="the short preset (5-14 minutes on 2 CPU cores; barely trained models)")
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="smoke | fast | default | full (overrides --fast)")
+    ap.add_argument("--from-scratch", action="store_true",
+                    help="train the VAE and the teacher too (default: distil the shipped ones in pretrained/toy)")
+    ap.add_argument("--fast", action="store_true",
+                    help="from scratch, the short preset (5-14 minutes on 2 CPU cores; barely trained models)")
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="pretrained (the default) | smoke | fast | default | full (the last four: with --from-scratch)")
+    ap.add_argument("--pretrained", default=str(TOY_DIR), help="folder of the shipped toy models (default: %(default)s)")
     ap.add_argument("--out", help="run folder (default runs/quickstart-<preset>)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=N",
                     help="override preset fields, e.g. teacher_steps=3000 (see causvid.quickstart.Preset)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    preset = args.preset or ("fast" if args.fast else "default")
+    scratch = args.from_scratch or args.fast
+    preset = args.preset or ("fast" if args.fast else "default" if scratch else "pretrained")
+    if scratch and preset == "pretrained":
+        ap.error("--preset pretrained distils the shipped models: drop --from-scratch / --fast")
     try:
-        pipe = Pipeline(args.out or f"runs/quickstart-{preset}", preset, args.device, overrides=args.set)
-    except ValueError as err:
-        ap.error(str(err))
+        pipe = Pipeline(args.out or f"runs/quickstart-{preset}", preset, args.device, overrides=args.set,
+                        pretrained=None if scratch else args.pretrained)
+    except (ValueError, PretrainedError) as err:
+        ap.error(f"{err}" + ("" if scratch else " (or train everything with --from-scratch)"))
     pipe.run_all()
     return 0

@@ -75,6 +75,51 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     assert (tmp_path / "img" / "long_rollout.png").exists() and (tmp_path / "img" / "samples_grid.png").exists()
 
 
+@pytest.mark.slow
+def test_quickstart_default_path_distils_pretrained_models(tmp_path):
+    """The README's default: the shipped VAE, text encoder and teacher (pretrained/toy) -> ODE pairs -> ODE init ->
+    DMD -> samples, at the smoke size; no VAE or teacher is trained. Without shipped files (a checkout that lacks
+    them) the smoke chain's own models are packaged first with scripts/package_pretrained.py."""
+    from causvid.pretrained import TOY_DIR, available, verify
+    from causvid.pretrained_cli import main as package_main
+
+    root = TOY_DIR
+    if not available():
+        scratch = tmp_path / "scratch"
+        Pipeline(str(scratch), "smoke").run_all()
+        root = tmp_path / "pretrained"
+        common = ["--command", "quickstart smoke", "--commit", "0" * 40, "--out", str(root), "--eval-videos", "1"]
+        assert package_main(["text", *common]) == 0
+        assert package_main(["vae", "--run", str(scratch / "vae"), *common]) == 0
+        assert package_main(["teacher", "--run", str(scratch / "teacher"), *common]) == 0
+        for sub in ("text", "vae", "teacher"):
+            verify(root / sub)
+    out = tmp_path / "qs"
+    p = Pipeline(str(out), "smoke", pretrained=str(root))
+    p.run_all()
+    assert not (out / "vae").exists() and not (out / "teacher").exists()
+    assert {"latents", "ode_pairs", "ode", "dmd"} <= set(p.times)
+    for rel in ("dmd/final/model.safetensors", "index.md", "metrics.json", "plots/samples_grid.png"):
+        assert (out / rel).exists(), rel
+    cfg = load_config(str(out / "dmd" / "final" / "config.yaml"))
+    assert cfg.train.teacher_path == os.path.join(str(root), "teacher")
+    assert "pretrained/toy" in (out / "index.md").read_text()
+
+
+def test_pretrained_path_refuses_a_damaged_model_before_running(tmp_path):
+    from causvid.pretrained import PretrainedError, package
+
+    info = dict(command="c", commit="0", steps=0, wall_seconds=0.0, machine="m", made="d")
+    for sub in ("text", "vae", "teacher"):
+        src = tmp_path / f"{sub}.bin"
+        src.write_bytes(b"x")
+        package(sub, {"f.bin": str(src)}, tmp_path / "pre" / sub, **info)
+    (tmp_path / "pre" / "vae" / "f.bin").write_bytes(b"y")
+    with pytest.raises(PretrainedError, match="vae"):
+        Pipeline(str(tmp_path / "run"), "smoke", pretrained=str(tmp_path / "pre"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_presets_are_ordered():
     s, f, d = PRESETS["smoke"], PRESETS["fast"], PRESETS["default"]
     assert s.teacher_steps < f.teacher_steps < d.teacher_steps

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from causvid import schedule as S
-from causvid.config import load_config
+from causvid.config import load_config, resolve_folder_paths
 from causvid.data.toyworld import ToyWorld
 from causvid.eval import toyworld_metrics as M
 from causvid.losses import diffusion_loss
@@ -62,7 +62,7 @@ class TeacherRunner:
     """Many-step ODE sampling of an exported teacher, decoded with the pipeline's VAE."""
 
     def __init__(self, folder: str, device: str = "cpu"):
-        self.cfg = load_config(os.path.join(folder, "config.yaml"))
+        self.cfg = resolve_folder_paths(load_config(os.path.join(folder, "config.yaml")), folder)
         self.model = load_dit(os.path.join(folder, "model.safetensors"), device=device).eval()
         self.text = text_encoder_from_config(self.cfg.text, device=device, dim=self.model.cfg.text_dim,
                                              text_len=self.model.cfg.text_len)

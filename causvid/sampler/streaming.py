@@ -224,19 +224,14 @@ class CausalSampler:
         ``overrides``: config dotlist (``["sampler.window_chunks=8"]``); ``kw``: :meth:`from_config` options
         (``steps=``, ``window_chunks=``, ``text_encoder=`` ...).
         """
-        from causvid.config import load_config
+        from causvid.config import load_config, resolve_folder_paths
         from causvid.models.weights import WeightsError
 
         cfg_path, weights = os.path.join(folder, "config.yaml"), os.path.join(folder, "model.safetensors")
         for p in (cfg_path, weights):
             if not os.path.isfile(p):
                 raise WeightsError(f"{folder} is not an export folder: {os.path.basename(p)} is missing ({p})")
-        cfg = load_config(cfg_path, overrides)
-        for key in ("vae.path", "text.path", "text.tokenizer_path", "sampler.tiny_decoder_path"):  # tolerate paths relative to the folder
-            sect, name = key.split(".")
-            p = cfg[sect][name]
-            if p and not os.path.isabs(p) and not os.path.exists(p) and os.path.exists(os.path.join(folder, p)):
-                cfg[sect][name] = os.path.join(folder, p)
+        cfg = resolve_folder_paths(load_config(cfg_path, overrides), folder)  # paths may be relative to the folder
         return cls.from_config(cfg, dit_path=weights, device=device, dtype=dtype, **kw)
 
     @classmethod
