@@ -108,6 +108,14 @@ def test_workload_loads_the_files_and_decode_quality(files, one_thread):
     assert got["vae_vs_frames"] == pytest.approx(sum(gt) / 2, abs=1e-3)
     assert stream_decode(w.tiny, latents[:1], 2).shape == (1, 9, 3, 16, 16)
     assert decode_quality(w.vae, w.tiny, latents, None, chunk=1)["loss_db"] is None
+    # the teacher keeps the VAE: its run never touches the tiny decoder
+    from causvid.benchmark import Recorder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher decoded with the tiny decoder")
+
+    w.tiny.decode = w.tiny.stream_decoder = refuse
+    w.teacher_run(Recorder(w.clock), noise=w.noise(1), num_steps=1, decode=True)
 
 
 @pytest.mark.parametrize("extra, message", [
