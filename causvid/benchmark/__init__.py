@@ -5,7 +5,8 @@ recomputation, batching, and the DMD training step with its model FLOPs utilisat
 The package, by responsibility: :mod:`.options` (sizes, step lists, :class:`BenchOptions`), :mod:`.measure`
 (device set-up, clocks, peak memory, the timing loop), :mod:`.flops` (the FLOP model), :mod:`.workload` (models
 built on the target device, the timed units of work), :mod:`.sections` (what gets measured, and
-:func:`run_benchmark`), :mod:`.report` (targets, JSON, markdown, plots, merging runs). The FLOP model is the one of ``docs/performance.md`` §2.2-2.4 (linear,
+:func:`run_benchmark`), :mod:`.report` (targets, JSON, markdown, plots, merging runs), and the optional sections
+:mod:`.peer` (diffusers' DiT on the same work) and :mod:`.decoder` (the tiny streaming decoder vs the VAE decoder). The FLOP model is the one of ``docs/performance.md`` §2.2-2.4 (linear,
 self-attention ``4 Lq Lk d`` and cross-attention ``4 Lq Lc d`` per layer; backward = 2x forward), made
 exact by also counting the small embedding / head / time-MLP matmuls, so it equals
 ``torch.utils.flop_counter`` on our :class:`~causvid.models.dit.WanDiT` (``tests/test_benchmark.py``).
@@ -16,7 +17,7 @@ timed run starts and once after the last one); on the CPU ``time.perf_counter``.
 ``max_memory_allocated`` or, on the CPU, the process's peak resident set (``VmHWM``, reset per run via
 ``/proc/self/clear_refs``; ``ru_maxrss`` as a fallback, which never resets).
 
-Models get random weights (speed does not depend on them) and are built directly on the target device
+Models get random weights (speed does not depend on them; ``--vae-path`` / ``--tiny-decoder`` load trained ones) and are built directly on the target device
 and dtype, so a 1.3B DiT never materialises on the CPU when the benchmark runs on a GPU. The student and
 the teacher share one network (same architecture; the student runs it chunk by chunk with a KV cache).
 

@@ -12,6 +12,7 @@ from typing import Optional
 from causvid.benchmark.options import OPTIONAL_SECTIONS, SECTIONS, SIZE_DEFAULTS, BenchOptions
 from causvid.benchmark.report import merge_results, render_markdown, write_reports
 from causvid.benchmark.sections import run_benchmark
+from causvid.models.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,23 @@ def build_arg_parser():
     p.add_argument("--no-text-encoder", dest="text_encoder", action="store_false",
                    help="skip the text encoder (umT5-XXL is 5.7B parameters)")
     p.add_argument("--no-vae", dest="vae", action="store_false")
+    p.add_argument("--vae-path", default=None, metavar="PATH",
+                   help="trained VAE weights (causvid.models.vae.load_vae; default: random weights)")
+    p.add_argument("--tiny-decoder", default=None, metavar="PATH",
+                   help="a trained decoder.safetensors (scripts/train_decoder.py): the student pipeline decodes with "
+                        "it (the teacher keeps the VAE), and the decoder section runs by default")
+    p.add_argument("--decoder-videos", type=int, default=d.decoder_videos,
+                   help="held-out toy-world videos of the decoder section's PSNR (with --vae-path)")
     p.add_argument("--no-mp4", dest="write_mp4", action="store_false", help="do not write the mp4")
     p.add_argument("--mp4-preset", default=d.mp4_preset, help="libx264 preset of the written mp4")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s for MFU (default: 989 on CUDA, a measured matmul peak on CPU)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--sections", default=",".join(SECTIONS),
+    p.add_argument("--sections", default=None,
                    help=f"comma list of {','.join(SECTIONS + OPTIONAL_SECTIONS)} (default: all but "
-                        f"{','.join(OPTIONAL_SECTIONS)}; peer: the same work on diffusers.WanTransformer3DModel)")
+                        f"{','.join(OPTIONAL_SECTIONS)}, plus decoder with --tiny-decoder; peer: the same work on "
+                        "diffusers.WanTransformer3DModel; decoder: tiny decoder vs VAE decoder, needs --tiny-decoder)")
     p.add_argument("--peer-cases", default=",".join(d.peer_cases),
                    help="cases of the peer section: bench (the --size DiT at the benchmark's latents), wan-mini "
                         "(dim 256, 4 layers, 21x24x24 latents)")
@@ -97,7 +106,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.info("merged %d runs into %s and %s", len(runs), paths["json"], paths["markdown"])
         return 0
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions) if hasattr(args, f.name)}
-    kw["sections"] = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    if args.sections is None:
+        kw["sections"] = SECTIONS + (("decoder",) if args.tiny_decoder else ())
+    else:
+        kw["sections"] = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     kw["peer_cases"] = tuple(s.strip() for s in args.peer_cases.split(",") if s.strip())
     kw["command"] = "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     opts = BenchOptions(**kw)
@@ -105,7 +117,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         opts.resolved()
     except ValueError as err:
         p.error(str(err))
-    results = run_benchmark(opts)
+    try:
+        results = run_benchmark(opts)
+    except WeightsError as err:  # a --vae-path file whose format only loading can check
+        p.error(str(err))
     out_dir = args.out_dir or os.path.join("runs", "benchmark", f"{opts.size}_{results['meta']['device_type']}")
     paths = write_reports(results, out_dir, args.plots_dir)
     print(render_markdown(results))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -27,8 +28,9 @@ STEP_LISTS: dict[int, list[float]] = {
 }
 
 SECTIONS = ("flops", "student", "teacher", "kv", "steps", "batch", "dmd", "self_forcing")
-# Run only when named in ``--sections``: ``peer`` needs diffusers (the ``interop`` extra).
-OPTIONAL_SECTIONS = ("peer",)
+# Run only when named in ``--sections``: ``peer`` needs diffusers (the ``interop`` extra); ``decoder`` needs
+# ``--tiny-decoder`` (the command line adds it to the default sections when one is given).
+OPTIONAL_SECTIONS = ("peer", "decoder")
 
 H100_BF16_DENSE_TFLOPS = 989.0  # datasheet dense bf16 (H100 / H200 SXM), performance.md §1.4
 
@@ -64,6 +66,9 @@ class BenchOptions:
     compile_mode: Optional[str] = None
     text_encoder: bool = True
     vae: bool = True
+    vae_path: Optional[str] = None  # trained VAE weights (causvid.models.vae.load_vae); None: random weights
+    tiny_decoder: Optional[str] = None  # a trained decoder.safetensors: the student decodes with it
+    decoder_videos: int = 4  # held-out toy-world videos of the ``decoder`` section's PSNR (with vae_path)
     write_mp4: bool = True
     mp4_preset: str = "medium"
     prompt: str = "a red circle moving left"
@@ -104,7 +109,54 @@ class BenchOptions:
                              f"got {o.height}x{o.width}")
         if o.steps < 1 or o.chunk < 1 or o.teacher_steps < 1 or o.batch < 1:
             raise ValueError("--steps, --chunk, --teacher-steps and --batch must be >= 1")
+        if o.decoder_videos < 1:
+            raise ValueError(f"--decoder-videos must be >= 1, got {o.decoder_videos}")
+        check_model_files(o)
         return o
+
+
+def check_model_files(o: BenchOptions) -> None:
+    """``--vae-path`` / ``--tiny-decoder`` exist and fit the size's VAE (headers only: nothing is loaded); the
+    ``decoder`` section has what it needs. A ``ValueError`` with one line otherwise."""
+    from causvid.models.vae import VAE_KIND, VAEArch, vae_arch
+    from causvid.models.weights import WeightsError, read_model_header, read_safetensors_metadata
+
+    arch = vae_arch(SIZE_DEFAULTS[o.size]["vae"])
+    if "decoder" in o.sections and not o.tiny_decoder:
+        raise ValueError("--sections decoder needs --tiny-decoder PATH (a decoder.safetensors of scripts/train_decoder.py)")
+    if (o.tiny_decoder or o.vae_path) and not o.vae:
+        raise ValueError("--vae-path and --tiny-decoder need the VAE: drop --no-vae")
+    if o.vae_path:
+        if not os.path.exists(o.vae_path):
+            raise ValueError(f"--vae-path {o.vae_path}: no such file or folder")
+        if o.vae_path.endswith(".safetensors"):
+            try:
+                meta = read_safetensors_metadata(o.vae_path)
+                if "kind" in meta and meta["kind"] != VAE_KIND:
+                    raise ValueError(f"--vae-path {o.vae_path}: holds a {meta['kind']!r}, not a VAE")
+                if meta.get("kind") == VAE_KIND:
+                    got = VAEArch.from_dict(read_model_header(o.vae_path)[1]["arch"])
+                    if got.structure() != arch.structure():
+                        raise ValueError(f"--vae-path {o.vae_path}: a VAE of another architecture than the "
+                                         f"{o.size!r} size's ({got.to_dict()} vs {arch.to_dict()})")
+            except WeightsError as err:
+                raise ValueError(f"--vae-path: {err}") from None
+    if o.tiny_decoder:
+        if not os.path.isfile(o.tiny_decoder):
+            raise ValueError(f"--tiny-decoder {o.tiny_decoder}: no such file")
+        from causvid.models.tiny_decoder import KIND, TinyDecoderArch
+
+        try:
+            kind, cfg = read_model_header(o.tiny_decoder)
+        except WeightsError as err:
+            raise ValueError(f"--tiny-decoder: {err}") from None
+        if kind != KIND:
+            raise ValueError(f"--tiny-decoder {o.tiny_decoder}: holds a {kind!r}, not a tiny decoder")
+        td = TinyDecoderArch.from_dict(cfg)
+        want = (arch.z_dim, arch.spatial_factor, arch.temporal_factor)
+        if (td.z_dim, td.spatial_factor, td.temporal_factor) != want:
+            raise ValueError(f"--tiny-decoder {o.tiny_decoder}: made for latents (z, spatial, temporal) = "
+                             f"{(td.z_dim, td.spatial_factor, td.temporal_factor)}, the {o.size!r} VAE's are {want}")
 
 
 def step_list(k: int) -> list[float]:

@@ -71,10 +71,10 @@ def section_student_teacher(w: Workload, want_teacher: bool) -> dict[str, Any]:
     steps = step_list(o.steps)
     noise, out = w.noise(1), {}
     ren = w.renoise(noise, len(steps))
-    can_write = o.write_mp4 and w.vae is not None and w.mp4_note.startswith("written")
+    can_write = o.write_mp4 and w.decoder is not None and w.mp4_note.startswith("written")
     tmp = tempfile.mkdtemp(prefix="causvid_bench_") if can_write else None
     counts: dict[str, float] = {}
-    # Warm-up doubles as the FLOP-counting run of the VAE and text encoder (its timing is discarded).
+    # Warm-up doubles as the FLOP-counting run of the decoder and text encoder (its timing is discarded).
     w.pipeline_run(Recorder(w.clock), noise=noise, renoise=ren, steps=steps, mp4_dir=tmp, count=counts)
     fns = {"dit": lambda r: w.student_run(r, noise=noise, renoise=ren, steps=steps),
            "pipeline": lambda r: w.pipeline_run(r, noise=noise, renoise=ren, steps=steps, mp4_dir=tmp)}
@@ -90,21 +90,23 @@ def section_student_teacher(w: Workload, want_teacher: bool) -> dict[str, Any]:
     first = statistics.median([a - b for a, b in zip(pm["first_chunk"].values, pm["text"].values)])
     gen_decode = statistics.median([a - b for a, b in zip(pm["decoded"].values, pm["text"].values)])
     write_s = statistics.median([a - b for a, b in zip(pm["written"].values, pm["decoded"].values)])
-    has_vae = w.vae is not None
+    has_dec = w.decoder is not None  # the student decodes (tiny decoder or VAE); the teacher then has the VAE
     student = {
+        "decoder": w.decoder_name,
         "steps": steps, "chunks": chunks, "dit_forwards": forwards,
         "sampling_s": dit_s, "sampling_stats": dataclasses.asdict(res["dit"]["marks"]["end"]),
         "first_chunk_dit_s": res["dit"]["marks"]["first_chunk"].median,
-        "first_chunk_s": first if has_vae else None,
-        "sampling_decode_s": gen_decode if has_vae else None,
-        "decode_s": (gen_decode - dit_s) if has_vae else None,
+        "first_chunk_s": first if has_dec else None,
+        "sampling_decode_s": gen_decode if has_dec else None,
+        "decode_s": (gen_decode - dit_s) if has_dec else None,
         "text_encode_s": text_s if w.text is not None else None,
         "mp4_write_s": write_s if tmp else None,
-        "prompt_to_output_s": pm["end"].median if (has_vae and tmp) else None,
+        "prompt_to_output_s": pm["end"].median if (has_dec and tmp) else None,
         "prompt_to_output_includes": [k for k, on in (("text", w.text is not None), ("sampling", True),
-                                                       ("vae_decode", has_vae), ("mp4", bool(tmp))) if on],
+                                                       (f"{w.decoder_name}_decode", has_dec), ("mp4", bool(tmp)))
+                                     if on],
         "fps_dit": g.frames / dit_s,
-        "fps_with_vae": g.frames / gen_decode if has_vae else None,
+        "fps_with_vae": g.frames / gen_decode if has_dec else None,
         "forwards_per_s": forwards / dit_s,
         "model_flops": flops.to_dict(),
         "achieved_tflops": _tflops_rate(flops.total, dit_s),
@@ -116,14 +118,14 @@ def section_student_teacher(w: Workload, want_teacher: bool) -> dict[str, Any]:
         "peak_bytes_sampling_excl_text": res["dit"]["peak_bytes"] - text_bytes,
         "peak_bytes_pipeline_excl_text": res["pipeline"]["peak_bytes"] - text_bytes,
         "kv_cache_bytes": kv_cache_bytes(w.cfg, g.latent_frames * g.tokens_per_frame, w.dtype),
-        "vae_decode_flops": counts.get("vae_decode"),
+        "decode_flops": counts.get("decode"),
         "text_encode_flops": counts.get("text_encode"),
     }
     out["student"] = student
     if want_teacher:
         out["teacher"] = _teacher(w, noise)
         out["teacher"]["peak_bytes_excl_text"] = out["teacher"]["peak_bytes"] - text_bytes
-        out["comparison"] = _compare(student, out["teacher"], has_vae)
+        out["comparison"] = _compare(student, out["teacher"], has_dec)
     return out
 
 
@@ -137,7 +139,8 @@ def _teacher(w: Workload, noise: torch.Tensor) -> dict[str, Any]:
     flops = teacher_sampling_flops(w.cfg, batch=1, num_frames=g.latent_frames, tokens_per_frame=g.tokens_per_frame,
                                    steps=o.teacher_steps, guidance=o.guidance)
     dit_s, total = _med(res, "teacher", "sampled"), _med(res, "teacher")
-    return {"steps": o.teacher_steps, "guidance": o.guidance, "dit_forwards": o.teacher_steps * branches,
+    return {"decoder": "vae" if has_vae else None, "steps": o.teacher_steps, "guidance": o.guidance,
+            "dit_forwards": o.teacher_steps * branches,
             "sampling_s": dit_s, "sampling_stats": dataclasses.asdict(res["teacher"]["marks"]["sampled"]),
             "latency_s": total if has_vae else None, "decode_s": (total - dit_s) if has_vae else None,
             "fps_dit": g.frames / dit_s, "fps_with_vae": g.frames / total if has_vae else None,
@@ -188,7 +191,7 @@ def section_kv(w: Workload) -> list[dict[str, Any]]:
 
 
 def measure_decode(w: Workload) -> float:
-    """Median time of the streamed VAE decode of one sampled clip, chunk by chunk."""
+    """Median time of the student's streamed decode (tiny decoder or VAE) of one sampled clip, chunk by chunk."""
     steps = step_list(w.o.steps)
     noise = w.noise(1)
     chunks = [x.to(w.dtype) for x in w.student_run(Recorder(w.clock), noise=noise, renoise=w.renoise(noise, len(steps)),
@@ -196,7 +199,7 @@ def measure_decode(w: Workload) -> float:
 
     @torch.no_grad()
     def decode(rec: Recorder) -> None:
-        dec = w.vae.stream_decoder()
+        dec = w.decoder.stream_decoder()
         for z in chunks:
             dec.push(z)
 
@@ -204,10 +207,10 @@ def measure_decode(w: Workload) -> float:
 
 
 def section_steps(w: Workload, decode_s: Optional[float]) -> list[dict[str, Any]]:
-    """DiT-only FPS over the number of student steps; FPS with VAE adds the decode time (of the main run,
-    or measured here), which does not depend on the step count."""
+    """DiT-only FPS over the number of student steps; FPS with decode adds the student's decode time (of the
+    main run, or measured here), which does not depend on the step count."""
     o, g = w.o, w.geo
-    if decode_s is None and w.vae is not None:
+    if decode_s is None and w.decoder is not None:
         decode_s = measure_decode(w)
     noise = w.noise(1)
     rows = []
@@ -225,10 +228,10 @@ def section_steps(w: Workload, decode_s: Optional[float]) -> list[dict[str, Any]
 
 
 def section_batch(w: Workload) -> dict[str, Any]:
-    """Per-video time at batch 1 and N (sampling + streamed VAE decode when a VAE is present)."""
+    """Per-video time at batch 1 and N (sampling + the student's streamed decode when it has a decoder)."""
     o, g = w.o, w.geo
     steps = step_list(o.steps)
-    decode = w.vae is not None
+    decode = w.decoder is not None
     rows = []
     for b in (1, o.batch):
         noise = w.noise(b)
@@ -478,6 +481,9 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
     t_start = time.perf_counter()
     w = Workload(o, device)
     results: dict[str, Any] = {"meta": machine_info(device), "options": _jsonable(dataclasses.asdict(o))}
+    decoders = {"tiny": f"tiny streaming decoder {o.tiny_decoder}", "vae": "the VAE (streamed)", None: "none"}
+    results["meta"].update(student_decoder=decoders[w.decoder_name],
+                           teacher_decoder=decoders["vae" if w.vae is not None else None])
     results["meta"].update(command=o.command, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), vae=w.vae_note or "ok",
                            dit_params=sum(p.numel() for p in w.model.parameters()), mp4=w.mp4_note,
                            memory_meter=w.meter.kind, clock="cuda_events" if device.type == "cuda" else "perf_counter")
@@ -524,6 +530,10 @@ def run_benchmark(opts: BenchOptions) -> dict[str, Any]:
         results["dmd"] = _section(results, "dmd", lambda: section_dmd(w, peak))
     if "self_forcing" in o.sections:
         results["self_forcing"] = _section(results, "self_forcing", lambda: section_self_forcing(w))
+    if "decoder" in o.sections:
+        from causvid.benchmark.decoder import section_decoder
+
+        results["decoder"] = _section(results, "decoder", lambda: section_decoder(w))
     if "peer" in o.sections:
         from causvid.benchmark.peer import section_peer
 

@@ -1,4 +1,5 @@
-"""Models built directly on the target device and dtype (random weights), and the timed workload."""
+"""Models built directly on the target device and dtype (random weights, or trained VAE / tiny decoder weights
+by path), and the timed workload."""
 
 from __future__ import annotations
 
@@ -67,16 +68,26 @@ def compile_dit_blocks(model: WanDiT, mode: Optional[str] = None) -> WanDiT:
     return model
 
 
-def build_vae(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """``(WanVAE, None)`` or ``(None, reason)`` when ``causvid.models.vae`` is not importable."""
+def build_vae(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, path: Optional[str] = None):
+    """``(WanVAE, note)``: trained weights from ``path`` (:func:`causvid.models.vae.load_vae`) or random ones;
+    ``(None, reason)`` when ``causvid.models.vae`` is not importable."""
     try:
-        from causvid.models.vae import WanVAE
+        from causvid.models.vae import WanVAE, load_vae
     except Exception as err:  # noqa: BLE001 - report any import problem as n/a
         return None, f"causvid.models.vae not importable: {err}"
+    if path:
+        return load_vae(path, size=size, device=device, dtype=dtype).requires_grad_(False), f"trained weights {path}"
     torch.manual_seed(seed)
     with torch.device(device):
         vae = WanVAE(size)
-    return vae.to(dtype).eval().requires_grad_(False), None
+    return vae.to(dtype).eval().requires_grad_(False), "random weights"
+
+
+def build_tiny_decoder(path: str, device: torch.device, dtype: torch.dtype):
+    """A trained :class:`causvid.models.tiny_decoder.TinyDecoder` on ``device`` in ``dtype``."""
+    from causvid.models.tiny_decoder import load_tiny_decoder
+
+    return load_tiny_decoder(path, device).to(dtype)
 
 
 class TextBench:
@@ -171,7 +182,12 @@ class Workload:
         self.model = build_dit(self.cfg, device, self.dtype, attention=o.attention, seed=o.seed)
         self.vae, self.vae_note = (None, "disabled (--no-vae)")
         if o.vae:
-            self.vae, self.vae_note = build_vae(SIZE_DEFAULTS[o.size]["vae"], device, self.dtype, o.seed)
+            self.vae, self.vae_note = build_vae(SIZE_DEFAULTS[o.size]["vae"], device, self.dtype, o.seed, o.vae_path)
+        # The student's decoder: the tiny streaming decoder with --tiny-decoder, else the VAE; the teacher always
+        # decodes with the VAE (the comparison of issue 21: distilled student + tiny decoder vs teacher + VAE).
+        self.tiny = build_tiny_decoder(o.tiny_decoder, device, self.dtype) if o.tiny_decoder else None
+        self.decoder = self.tiny if self.tiny is not None else self.vae
+        self.decoder_name = "tiny" if self.tiny is not None else ("vae" if self.vae is not None else None)
         self.mp4_note = "written with causvid.video_io.write_mp4 (PyAV, libx264)"
         if not o.write_mp4:
             self.mp4_note = "disabled (--no-mp4)"
@@ -206,12 +222,13 @@ class Workload:
     def student_run(self, rec: Recorder, *, noise: torch.Tensor, renoise: torch.Tensor, steps: Sequence[float],
                     cond: Optional[torch.Tensor] = None, decode: bool = False,
                     count: Optional[dict[str, float]] = None) -> list[torch.Tensor]:
-        """KV-cached chunk-wise sampling (``causal_sample_chunks``), each chunk decoded as it arrives when
-        ``decode``; marks ``first_chunk`` (first latent chunk ready / first frames decoded)."""
+        """KV-cached chunk-wise sampling (``causal_sample_chunks``), each chunk decoded as it arrives by the
+        student's decoder (``self.decoder``: tiny or VAE) when ``decode``; marks ``first_chunk`` (first latent
+        chunk ready / first frames decoded)."""
         B, F = noise.shape[:2]
         cache = self.model.new_kv_cache(B, F, self.geo.tokens_per_frame, dtype=self.dtype, device=self.device)
         cond = self.context(B) if cond is None else cond
-        decoder = self.vae.stream_decoder() if decode else None
+        decoder = self.decoder.stream_decoder() if decode else None
         out = []
         chunks = causal_sample_chunks(self.model, noise, cond, layout=self.layout, steps=steps, kv_cache=cache,
                                       cross_cache=CrossAttnCache(), renoise=renoise)
@@ -220,7 +237,7 @@ class Workload:
                 z = x0.to(self.dtype)
                 if count is not None:
                     flops, frames = count_flops(functools.partial(decoder.push, z))
-                    count["vae_decode"] = count.get("vae_decode", 0.0) + flops
+                    count["decode"] = count.get("decode", 0.0) + flops
                 else:
                     frames = decoder.push(z)
                 out.append(frames)
@@ -246,9 +263,9 @@ class Workload:
             cond = cond.expand(noise.shape[0], -1, -1)
         rec.mark("text")
         frames = self.student_run(rec, noise=noise, renoise=renoise, steps=steps, cond=cond,
-                                  decode=self.vae is not None, count=count)
+                                  decode=self.decoder is not None, count=count)
         rec.mark("decoded")
-        if mp4_dir is not None and self.vae is not None:
+        if mp4_dir is not None and self.decoder is not None:
             from causvid.video_io import write_mp4
 
             video = torch.cat(frames, dim=1)[0].float().cpu()  # [T, 3, H, W] in [-1, 1]
