@@ -97,9 +97,11 @@ class Pipeline:
         self.p = preset_with(preset, overrides)
         self.pretrained = None
         if pretrained is not None:
-            from causvid.pretrained import toy_model_path
+            from causvid.pretrained import available, toy_model_path
 
             self.pretrained = {n: toy_model_path(n, pretrained) for n in ("text", "vae", "teacher")}  # verified
+            if available(pretrained, ["tiny_decoder"]):
+                self.pretrained["tiny_decoder"] = toy_model_path("tiny_decoder", pretrained)
         self.root = Path(root).resolve()
         self.preset_name = preset
         self.device = device
@@ -245,24 +247,33 @@ class Pipeline:
         from causvid.eval import toy_eval as E
 
         torch.set_flush_denormal(True)
-        st = E.StudentRunner(self.path("dmd", "final"), device=self.device).sampler
         prompt = "a red circle moving left"
-        st.generate(prompt, seed=0)  # warm-up
-        t0 = time.perf_counter()
-        first = None
-        frames = 0
-        for chunk in st.stream(prompt, seed=1):
-            if first is None:
-                first = time.perf_counter() - t0
-            frames += len(chunk)
-        total = time.perf_counter() - t0
+
+        def stream(overrides: Sequence[str] = ()) -> tuple[float, float, int]:
+            st = E.StudentRunner(self.path("dmd", "final"), device=self.device, overrides=list(overrides)).sampler
+            st.generate(prompt, seed=0)  # warm-up
+            t0, first, frames = time.perf_counter(), None, 0
+            for chunk in st.stream(prompt, seed=1):
+                if first is None:
+                    first = time.perf_counter() - t0
+                frames += len(chunk)
+            return first, time.perf_counter() - t0, frames
+
+        first, total, frames = stream()
+        tiny = None
+        if self.pretrained and self.pretrained.get("tiny_decoder"):  # the shipped tiny streaming decoder
+            tiny = stream(["sampler.decoder=tiny", f"sampler.tiny_decoder_path={self.pretrained['tiny_decoder']}"])
         teacher = E.TeacherRunner(self.model_path("teacher"), device=self.device)
         t0 = time.perf_counter()
         v, _ = teacher.generate([prompt], [1], num_steps=50, guidance=6.0)
         t_total = time.perf_counter() - t0  # the teacher shows nothing before the whole clip is done
-        return {"student_first_chunk_s": first, "student_total_s": total, "student_fps": frames / total,
-                "teacher_first_frame_s": t_total, "teacher_total_s": t_total, "teacher_fps": len(v[0]) / t_total,
-                "latency_speedup": t_total / first, "throughput_speedup": (frames / total) / (len(v[0]) / t_total)}
+        out = {"student_first_chunk_s": first, "student_total_s": total, "student_fps": frames / total,
+               "teacher_first_frame_s": t_total, "teacher_total_s": t_total, "teacher_fps": len(v[0]) / t_total,
+               "latency_speedup": t_total / first, "throughput_speedup": (frames / total) / (len(v[0]) / t_total)}
+        if tiny is not None:
+            out.update(tiny_first_chunk_s=tiny[0], tiny_total_s=tiny[1], tiny_fps=tiny[2] / tiny[1],
+                       tiny_latency_speedup=t_total / tiny[0])
+        return out
 
     def plots(self) -> list[str]:
         import matplotlib
@@ -357,8 +368,13 @@ class Pipeline:
                   f"| DMD student (KV cache, streamed) | {lat['student_first_chunk_s']:.3f} s | {lat['student_total_s']:.2f} s"
                   f" | {lat['student_fps']:.1f} |",
                   f"| teacher (50 steps, CFG) | {lat['teacher_first_frame_s']:.2f} s | {lat['teacher_total_s']:.2f} s"
-                  f" | {lat['teacher_fps']:.2f} |", "",
-                  f"Latency speed-up {lat['latency_speedup']:.0f}x, throughput speed-up {lat['throughput_speedup']:.1f}x.",
+                  f" | {lat['teacher_fps']:.2f} |"]
+        if "tiny_first_chunk_s" in lat:
+            lines.append(f"| DMD student, tiny streaming decoder | {lat['tiny_first_chunk_s']:.3f} s | "
+                         f"{lat['tiny_total_s']:.2f} s | {lat['tiny_fps']:.1f} |")
+        lines += ["", f"Latency speed-up {lat['latency_speedup']:.0f}x"
+                  + (f" ({lat['tiny_latency_speedup']:.0f}x with the tiny decoder)" if "tiny_latency_speedup" in lat
+                     else "") + f", throughput speed-up {lat['throughput_speedup']:.1f}x.",
                   "", "## Videos", ""]
         if grid:
             lines += ["First, middle and last frame per model and prompt:", "",
