@@ -7,7 +7,9 @@ per rank, what setup left in memory: ``$SETUP_OUT/rank<R>.json``.
 Recorded: the device the trainer moves things to and the one the stage built its networks on; for each network
 (generator, critic, teacher) right after ``stage.setup`` its parameters' devices and total size, and after the
 trainer has wrapped everything: whether each parameter is a DTensor, its local and full element counts, its device,
-and how many of the parameter objects ``stage.setup`` created are still alive anywhere (a whole, unsharded copy).
+and how many of the parameter objects ``stage.setup`` created are still alive anywhere (a whole, unsharded copy);
+and, when the frozen teacher starts being sharded, how many of the trainables' setup parameters are still alive (none:
+their mapped / whole weights must be released once their shards are made, not held while the next network is sharded).
 """
 
 from __future__ import annotations
@@ -48,12 +50,23 @@ def main(argv) -> int:
             del params
 
     stage.setup = recording_setup
+    from causvid.train import parallel
+
+    prepare_frozen = parallel.prepare_frozen
+
+    def recording_prepare_frozen(acc, module):
+        if module is getattr(stage, "teacher", None):
+            record["alive_when_teacher_sharded"] = {n: sum(r() is not None for r in refs[n]) for n in ("generator", "critic")}
+        return prepare_frozen(acc, module)
+
+    parallel.prepare_frozen = recording_prepare_frozen
     trainer.acquire_lock()
     try:
         trainer._build()
     finally:
         trainer.lock.release()
     del stage.setup  # the wrapper holds the stage and the weak references, not the parameters
+    parallel.prepare_frozen = prepare_frozen
     gc.collect()
     from torch.distributed.tensor import DTensor
 

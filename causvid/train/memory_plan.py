@@ -338,7 +338,7 @@ def dit_activations(d: DiTConfig, batch: int, latent: tuple[int, int, int, int],
 # ------------------------------------------------------------------------------------------- plan
 @dataclass
 class PlanLine:
-    section: str  # "resident" | "update" | "setup" | "host" | "sampling"
+    section: str  # "resident" | "update" | "setup" | "save" | "host" | "sampling"
     name: str
     bytes: int
     note: str = ""
@@ -349,7 +349,7 @@ class MemoryPlan:
     launch: LaunchSetup
     stage: str
     lines: list[PlanLine] = field(default_factory=list)
-    peaks: dict[str, int] = field(default_factory=dict)  # "train (checkpointing on)", "train (... off)", "setup"
+    peaks: dict[str, int] = field(default_factory=dict)  # "train (checkpointing on / off)", "setup", "checkpoint save (rank 0)"
     checkpointing: bool = False
     reserve: int = 0
     device_memory: Optional[int] = None
@@ -364,7 +364,8 @@ class MemoryPlan:
         """The peaks the run reaches: setup and the training step at the config's checkpointing."""
         if "teacher sampling" in self.peaks:
             return ["teacher sampling"]
-        return ["setup", "train (checkpointing on)" if self.checkpointing else "train (checkpointing off)"]
+        return ["setup", "train (checkpointing on)" if self.checkpointing else "train (checkpointing off)",
+                *(["checkpoint save (rank 0)"] if "checkpoint save (rank 0)" in self.peaks else [])]
 
     @property
     def peak(self) -> int:
@@ -396,16 +397,17 @@ class MemoryPlan:
         titles = {"resident": "resident for the whole run",
                   "update": "transient in the largest update",
                   "setup": "setup: networks built and sharded, text encoder encoding the negative prompt",
+                  "save": "checkpoint save (rank 0; the host is the device)",
                   "host": "host memory (informational; not part of the device peak)",
                   "sampling": "sampling with the exported student (not part of training)"}
-        for sec in ("resident", "update", "setup", "host", "sampling"):
+        for sec in ("resident", "update", "setup", "save", "host", "sampling"):
             rows = [x for x in self.lines if x.section == sec]
             if rows:
                 out.append(f"{titles[sec]}:")
                 out += [f"  {x.name:<64}{x.bytes / GiB:>9.2f}  {x.note}" for x in rows]
         out.append("peaks:")
         for k, v in self.peaks.items():
-            mark = " <- this config" if k in self.counted and k != "setup" else ""
+            mark = " <- this config" if k in self.counted and k.startswith("train") else ""
             out.append(f"  {k:<64}{v / GiB:>9.2f}{mark}")
         if self.reserve:
             what = ("+ CUDA context / allocator reserve" if la.device == "cuda"
@@ -564,6 +566,20 @@ def plan_memory(cfg, launch: LaunchSetup = LaunchSetup(), *, device_memory: Opti
 
     plan.peaks["train (checkpointing off)"] = max(backward_peak(acts.full), opt_moment)
     plan.peaks["train (checkpointing on)"] = max(backward_peak(acts.checkpointed), opt_moment)
+
+    # -- checkpoint save / export under FSDP2: rank 0 gathers full state dicts on the host, one at a time
+    #    (causvid/train/checkpoint.py save_checkpoint: each is released once written), the largest being one network's
+    #    AdamW moments (2 x fp32 whole); its model state dict (fp32 whole) and the export's networks are smaller. On a CPU
+    #    launch the host is the device: a peak of rank 0 over its resident memory; on GPUs a host line.
+    if W > 1:
+        full_state = max(2 * _nbytes(n.params, "float32") for n in trainable)
+        if launch.device == "cpu":
+            plan.add("save", "full AdamW state of one network, gathered on rank 0", full_state,
+                     "2 x fp32 whole; written, then released before the next")
+            plan.peaks["checkpoint save (rank 0)"] = resident + retained + full_state
+        else:
+            plan.add("host", "checkpoint save: one network's full AdamW state on rank 0's host", full_state,
+                     "2 x fp32 whole, gathered one network at a time")
 
     # -- setup. Text encoder (and VAE) are built on the device by stage.setup, the encoder encodes the negative prompt
     #    and is released unless it encodes prompts in the loop.

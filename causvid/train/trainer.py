@@ -593,9 +593,11 @@ def _export_modules(acc, wrapped: Mapping[str, nn.Module], modules: Mapping[str,
             m = modules[name]
             if not hasattr(m, "cfg"):
                 raise TypeError(f"FSDP export of '{name}' needs a module rebuildable as type(m)(m.cfg)")
-            copy = type(m)(m.cfg)
-            copy.load_state_dict(sd)
+            with torch.device("meta"):  # no weights of its own: it takes the gathered tensors (no second copy)
+                copy = type(m)(m.cfg)
+            copy.load_state_dict(sd, assign=True)
             out[name] = copy
+        del sd
     return out
 
 
