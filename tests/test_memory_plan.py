@@ -119,8 +119,9 @@ def test_small_plan_line_by_line_by_hand():
         ("setup", "generator (shard)"): P * 4 // 2,
         ("setup", "critic (shard)"): P * 4 // 2,
         ("setup", "teacher (shard)"): P * 4 // 2,
-        # a checkpoint under FSDP2: rank 0 gathers one network's full AdamW state (2 x fp32) at a time
-        ("save", "full AdamW state of one network, gathered on rank 0"): 2 * P * 4,
+        # under FSDP2 rank 0 gathers one network's full AdamW state (2 x fp32) for a checkpoint, the generator and the
+        # critic whole (fp32) for the export: the same 2 x 4 P here
+        ("save", "full state on rank 0 (one AdamW state / every trainable's weights)"): 2 * P * 4,
         # sampling 33 frames: 9 latent frames x 4 tokens, one branch (guidance 1)
         ("sampling", "student weights"): P * 4,
         ("sampling", "KV cache"): 2 * 2 * 9 * 4 * 32 * 4,
@@ -134,7 +135,7 @@ def test_small_plan_line_by_line_by_hand():
         "train (checkpointing on)": resident + fsdp + blk_causal + max(acts_on, P * 2),
         # every network whole on the host, then the text encoder, or the first shard being made beside them
         "setup": 3 * P * 4 + max(umt5 * 4, P * 2),
-        "checkpoint save (rank 0)": resident + 2 * P * 4,
+        "save / export (rank 0)": resident + 2 * P * 4,
     }
     assert plan.reserve == MP.CPU_RUNTIME and plan.peak == plan.peaks["train (checkpointing off)"] + MP.CPU_RUNTIME
 
@@ -252,9 +253,9 @@ def test_fsdp2_gpu_setup_loads_on_the_host_and_shards():
                      "one unit whole while fully_shard moves and chunks it": block * 4}
     assert plan.peaks["setup"] == max(umt5 * 4, 3 * (P * 4 // 2) + block * 4)
     assert [(x.name, x.bytes) for x in plan.lines if x.section == "host"] == [
-        ("checkpoint save: one network's full AdamW state on rank 0's host", 2 * P * 4),
+        ("save / export: full state on rank 0's host", 2 * P * 4),
         ("every network whole on the host before sharding (per process)", 3 * P * 4)]
-    assert "checkpoint save (rank 0)" not in plan.peaks  # host memory on GPUs, not the device's
+    assert "save / export (rank 0)" not in plan.peaks  # host memory on GPUs, not the device's
     ddp = MP.plan_memory(small_cfg(), MP.LaunchSetup(world_size=2, fsdp=False, device="cuda"))
     assert ddp.peaks["setup"] == 3 * P * 4 + umt5 * 4  # DDP: every network whole on each device
 

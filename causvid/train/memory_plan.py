@@ -349,7 +349,7 @@ class MemoryPlan:
     launch: LaunchSetup
     stage: str
     lines: list[PlanLine] = field(default_factory=list)
-    peaks: dict[str, int] = field(default_factory=dict)  # "train (checkpointing on / off)", "setup", "checkpoint save (rank 0)"
+    peaks: dict[str, int] = field(default_factory=dict)  # "train (checkpointing on / off)", "setup", "save / export (rank 0)"
     checkpointing: bool = False
     reserve: int = 0
     device_memory: Optional[int] = None
@@ -365,7 +365,7 @@ class MemoryPlan:
         if "teacher sampling" in self.peaks:
             return ["teacher sampling"]
         return ["setup", "train (checkpointing on)" if self.checkpointing else "train (checkpointing off)",
-                *(["checkpoint save (rank 0)"] if "checkpoint save (rank 0)" in self.peaks else [])]
+                *(["save / export (rank 0)"] if "save / export (rank 0)" in self.peaks else [])]
 
     @property
     def peak(self) -> int:
@@ -397,7 +397,7 @@ class MemoryPlan:
         titles = {"resident": "resident for the whole run",
                   "update": "transient in the largest update",
                   "setup": "setup: networks built and sharded, text encoder encoding the negative prompt",
-                  "save": "checkpoint save (rank 0; the host is the device)",
+                  "save": "checkpoint save / export (rank 0; the host is the device)",
                   "host": "host memory (informational; not part of the device peak)",
                   "sampling": "sampling with the exported student (not part of training)"}
         for sec in ("resident", "update", "setup", "save", "host", "sampling"):
@@ -567,19 +567,21 @@ def plan_memory(cfg, launch: LaunchSetup = LaunchSetup(), *, device_memory: Opti
     plan.peaks["train (checkpointing off)"] = max(backward_peak(acts.full), opt_moment)
     plan.peaks["train (checkpointing on)"] = max(backward_peak(acts.checkpointed), opt_moment)
 
-    # -- checkpoint save / export under FSDP2: rank 0 gathers full state dicts on the host, one at a time
-    #    (causvid/train/checkpoint.py save_checkpoint: each is released once written), the largest being one network's
-    #    AdamW moments (2 x fp32 whole); its model state dict (fp32 whole) and the export's networks are smaller. On a CPU
-    #    launch the host is the device: a peak of rank 0 over its resident memory; on GPUs a host line.
+    # -- checkpoint save / export under FSDP2: rank 0 gathers full state dicts on the host. A checkpoint gathers them one
+    #    at a time (causvid/train/checkpoint.py save_checkpoint releases each once written), the largest being one
+    #    network's AdamW moments (2 x fp32 whole); the export (trainer._export_modules) holds every trainable's full
+    #    weights (fp32) at once. On a CPU launch the host is the device: a peak of rank 0 over its resident memory; on
+    #    GPUs a host line.
     if W > 1:
-        full_state = max(2 * _nbytes(n.params, "float32") for n in trainable)
+        full_state = max(max(2 * _nbytes(n.params, "float32") for n in trainable),
+                         sum(_nbytes(n.params, "float32") for n in trainable))
         if launch.device == "cpu":
-            plan.add("save", "full AdamW state of one network, gathered on rank 0", full_state,
-                     "2 x fp32 whole; written, then released before the next")
-            plan.peaks["checkpoint save (rank 0)"] = resident + retained + full_state
+            plan.add("save", "full state on rank 0 (one AdamW state / every trainable's weights)", full_state,
+                     "the larger of a checkpoint's 2 x fp32 whole of one network and the export's fp32 trainables")
+            plan.peaks["save / export (rank 0)"] = resident + retained + full_state
         else:
-            plan.add("host", "checkpoint save: one network's full AdamW state on rank 0's host", full_state,
-                     "2 x fp32 whole, gathered one network at a time")
+            plan.add("host", "save / export: full state on rank 0's host", full_state,
+                     "one network's AdamW state (checkpoint) or every trainable's weights (export), fp32")
 
     # -- setup. Text encoder (and VAE) are built on the device by stage.setup, the encoder encodes the negative prompt
     #    and is released unless it encodes prompts in the loop.
