@@ -86,3 +86,4 @@ def test_fsdp2_setup_holds_only_shards_on_every_rank(run, tmp_path):  # noqa: F8
             local = sum(q["local"] for q in params)
             assert local <= 0.55 * built["numel"], (name, local, built["numel"])  # about half on each rank
     assert per_param == whole
+    assert records[0]["export"] == {n: {"same": True, "meta": 0} for n in ("generator", "critic")}  # rank 0 exports
