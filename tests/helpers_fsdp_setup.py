@@ -7,7 +7,10 @@ per rank, what setup left in memory: ``$SETUP_OUT/rank<R>.json``.
 Recorded: the device the trainer moves things to and the one the stage built its networks on; for each network
 (generator, critic, teacher) right after ``stage.setup`` its parameters' devices and total size, and after the
 trainer has wrapped everything: whether each parameter is a DTensor, its local and full element counts, its device,
-and how many of the parameter objects ``stage.setup`` created are still alive anywhere (a whole, unsharded copy).
+and how many of the parameter objects ``stage.setup`` created are still alive anywhere (a whole, unsharded copy);
+and, when the frozen teacher starts being sharded, how many of the trainables' setup parameters are still alive (none:
+their mapped / whole weights must be released once their shards are made, not held while the next network is sharded);
+and whether rank 0's export (``trainer._export_modules``) holds exactly the gathered full weights.
 """
 
 from __future__ import annotations
@@ -48,13 +51,25 @@ def main(argv) -> int:
             del params
 
     stage.setup = recording_setup
+    from causvid.train import parallel
+
+    prepare_frozen = parallel.prepare_frozen
+
+    def recording_prepare_frozen(acc, module):
+        if module is getattr(stage, "teacher", None):
+            record["alive_when_teacher_sharded"] = {n: sum(r() is not None for r in refs[n]) for n in ("generator", "critic")}
+        return prepare_frozen(acc, module)
+
+    parallel.prepare_frozen = recording_prepare_frozen
     trainer.acquire_lock()
     try:
         trainer._build()
     finally:
         trainer.lock.release()
     del stage.setup  # the wrapper holds the stage and the weak references, not the parameters
+    parallel.prepare_frozen = prepare_frozen
     gc.collect()
+    import torch
     from torch.distributed.tensor import DTensor
 
     for name in NETS:
@@ -65,6 +80,17 @@ def main(argv) -> int:
                            "local": (p.to_local() if isinstance(p, DTensor) else p).numel(), "full": p.numel()})
         record["after_build"][name] = {"params": params, "alive_from_setup": sum(r() is not None for r in refs[name])}
     record["trainer_device"] = repr(trainer.device)
+    # the export's full networks (rank 0; collective): built on meta and given the gathered tensors, equal to them
+    from causvid.train.trainer import _export_modules
+
+    exported = _export_modules(trainer.accelerator, trainer.wrapped, trainer.modules)
+    record["export"] = {}
+    for name, module in trainer.wrapped.items():
+        full = {k: parallel.full_tensor(v) for k, v in module.state_dict().items()}  # collective, every rank
+        if name in exported:
+            got = exported[name].state_dict()
+            record["export"][name] = {"same": got.keys() == full.keys() and all(
+                torch.equal(got[k], full[k]) for k in full), "meta": sum(v.is_meta for v in got.values())}
     out = os.environ["SETUP_OUT"]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)

@@ -69,6 +69,8 @@ def test_fsdp2_setup_holds_only_shards_on_every_rank(run, tmp_path):  # noqa: F8
     for rec in records:
         assert rec["trainer_device"] == "device(type='cpu')"  # not cpu:0: .to() does not copy the weights
         assert rec["weights_device"] == "cpu"
+        # the trainer keeps no reference to a trainable's whole parameters once it is sharded (docs/memory_plan.md)
+        assert rec["alive_when_teacher_sharded"] == {"generator": 0, "critic": 0}, rec["alive_when_teacher_sharded"]
         for name in ("generator", "critic", "teacher"):
             built = rec["after_setup"][name]
             assert built["devices"] == ["cpu"], (name, built)  # built on the CPU, before any sharding
@@ -84,3 +86,4 @@ def test_fsdp2_setup_holds_only_shards_on_every_rank(run, tmp_path):  # noqa: F8
             local = sum(q["local"] for q in params)
             assert local <= 0.55 * built["numel"], (name, local, built["numel"])  # about half on each rank
     assert per_param == whole
+    assert records[0]["export"] == {n: {"same": True, "meta": 0} for n in ("generator", "critic")}  # rank 0 exports

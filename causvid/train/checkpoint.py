@@ -421,16 +421,19 @@ def save_checkpoint(
         sd = parallel.model_state_dict(accelerator, wrapped)
         if main:
             save_safetensors(sd, os.path.join(tmp, f"{name}.safetensors"), {"step": str(step), "module": name})
+        del sd  # full state dicts are gathered one at a time: never two on the host (rank 0) at once
         if i == 0:
             _fault_point(step, f"after {name}.safetensors")
     for name, ema in emas.items():
         sd = {k: parallel.full_tensor(v).detach().cpu() for k, v in ema.state_dict().items()}
         if main:
             save_safetensors(sd, os.path.join(tmp, f"ema_{name}.safetensors"), {"step": str(step), "module": name})
+        del sd
     for name, opt in optimizers.items():
         osd = parallel.optimizer_state_dict(accelerator, models[name], opt)
         if main:
             atomic_torch_save(osd, os.path.join(tmp, f"optimizer_{name}.pt"))
+        del osd
     atomic_torch_save(get_rng_state(), os.path.join(tmp, f"rng_state_{accelerator.process_index}.pt"))
     if main:
         atomic_write_json(os.path.join(tmp, "trainer_state.json"), dict(trainer_state))

@@ -20,6 +20,21 @@ FSDP2 or not, CUDA or CPU) put in memory, from the networks' real shapes:
   networks are a host-memory line, not part of the device peak); that is a second peak;
 * **sampling** (the exported student with its KV caches) as its own, informational, section.
 
+On the CPU (``--plan-device cpu``, the rehearsal: the host is the device, its peak is the process's RSS) three
+things differ from a GPU, each modelled from what the process really does (docs/memory_plan.md, "CPU launches"):
+
+* **mapped weight files are read lazily**: the loaders map safetensors / ``.pth`` files and ``load_into`` assigns
+  the mapped tensors when the file holds the dtype the network is loaded in, so a network costs nothing until it is
+  read: one process reads it at its first forward (then it is the "weights" line), an FSDP2 rank reads its
+  ``1 / W`` of each tensor while ``fully_shard`` chunks it (:func:`_reads_mapped`). A network whose file holds
+  another dtype (or whose file cannot be read) is converted whole at load time;
+* **glibc keeps its heap**: with the default, dynamic mmap threshold, the parameters FSDP2 all-gathers for a forward
+  (up to 32 MiB each, and larger ones where a free heap block fits them) come from the heap; freed after each unit,
+  they stay resident (the heap shrinks only from its top) and the moments allocated at the first optimizer step
+  partly fill and partly extend it, so the next all-gather needs new memory: the plan counts the gathered parameters
+  once more (not when ``MALLOC_MMAP_THRESHOLD_`` fixes the threshold: freed blocks then go back to the system);
+* the reserve is :data:`CPU_RUNTIME` (libraries paged in and their state, measured) instead of the CUDA reserve.
+
 The plan is an estimate (what the caching allocator and CUDA context add is a fixed reserve, not a
 measurement); docs/wan2.1.md states how far it is from the measured peak of the CPU rehearsal.
 """
@@ -46,6 +61,14 @@ _UNITS = {"": None, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, 
           "g": GiB, "gb": GiB, "gib": GiB, "t": 1024 ** 4, "tb": 1024 ** 4, "tib": 1024 ** 4}
 # CUDA context, cuBLAS / NCCL workspaces and the caching allocator's slack: a fixed reserve on GPUs (assumption)
 CUDA_RESERVE = int(1.5 * GiB)
+# What a CPU process holds above its import baseline once it has run training steps, beside its tensors: the
+# libraries' code paged in by the first forward / backward / AdamW step (file-backed, ~0.09 GiB) and their lazily
+# built state (thread pools, kernel caches, autograd; anonymous, ~0.08 GiB). Measured (scripts/measure_peak_rss.py's
+# RSS, 2-core EPYC, torch 2.14.1): 0.165 GiB for a tiny DiT, 0.185 GiB at Wan2.1-1.3B widths (2 layers), whatever the
+# allocator settings; tests/test_memory_plan.py re-measures it on a tiny DiT. The CPU plans' reserve.
+CPU_RUNTIME = int(0.17 * GiB)
+# the glibc variables that fix malloc's mmap threshold (no dynamic threshold: freed blocks above it are unmapped)
+_MALLOC_FIXED = ("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -70,6 +93,9 @@ class LaunchSetup:
     device: str = "cuda"
     reshard_after_forward: bool = True
     source: str = "default"
+    # glibc's mmap threshold fixed by the environment (MALLOC_MMAP_THRESHOLD_ / GLIBC_TUNABLES): freed heap blocks
+    # above it go back to the system, so a CPU process does not keep its heap's high-water mark
+    malloc_fixed: bool = False
 
     @property
     def shards(self) -> int:
@@ -88,7 +114,8 @@ class LaunchSetup:
         if fsdp and env.get("FSDP_VERSION", "2") != "2":
             raise ConfigError("the launch asks for FSDP version 1; the trainer supports FSDP2 only (fsdp_version: 2)")
         reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
-        return cls(world, fsdp, device, reshard, "environment" if "WORLD_SIZE" in env else "default")
+        return cls(world, fsdp, device, reshard, "environment" if "WORLD_SIZE" in env else "default",
+                   malloc_fixed(env))
 
     @classmethod
     def from_accelerate_config(cls, path: str, device: str = "cuda") -> "LaunchSetup":
@@ -104,6 +131,12 @@ class LaunchSetup:
             raise ConfigError(f"--launch-config {path}: fsdp_version must be 2 (the trainer supports FSDP2 only)")
         return cls(int(node.get("num_processes", 1)), fsdp, device,
                    bool(fsdp_cfg.get("fsdp_reshard_after_forward", True)), path)
+
+
+def malloc_fixed(env: Mapping[str, str]) -> bool:
+    """Whether the environment fixes glibc malloc's mmap threshold (``MALLOC_MMAP_THRESHOLD_=65536`` or
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...``), which turns its dynamic threshold off."""
+    return _MALLOC_FIXED[0] in env or _MALLOC_FIXED[1] in env.get("GLIBC_TUNABLES", "")
 
 
 # ------------------------------------------------------------------------------------- parameters
@@ -143,6 +176,38 @@ def _file_tensors(path: str) -> Optional[dict[str, tuple[tuple[int, ...], str]]]
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return {k: (tuple(v.shape), str(v.dtype)) for k, v in sd.items() if hasattr(v, "shape")}
     except Exception:  # an unreadable file is the loader's to report; the plan falls back to the named size
+        return None
+
+
+_FILE_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "torch.float32": "float32",
+                "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+
+
+def dit_file_dtypes(path: str) -> Optional[set[str]]:
+    """The dtypes a DiT's weight file(s) hold (``float32`` ...), from the headers: our export folder or file, an
+    official folder (single or sharded safetensors, also diffusers' ``transformer/``). None when unreadable."""
+    from causvid.models.weights import find_weight_files
+
+    try:
+        if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, "model.safetensors")) and not os.path.isfile(
+                    os.path.join(path, "config.json")):
+                path = os.path.join(path, "model.safetensors")  # an export folder (stages.resolve_dit_path)
+            else:
+                folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "transformer")
+                path = find_weight_files(folder)
+        files = [path]
+        if path.endswith(".json"):
+            with open(path) as f:
+                files = [os.path.join(os.path.dirname(path), s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+        dtypes: set[str] = set()
+        for fp in files:
+            tensors = _file_tensors(fp)
+            if tensors is None:
+                return None
+            dtypes |= {_FILE_DTYPES.get(dt, dt) for _, dt in tensors.values()}
+        return dtypes
+    except Exception:  # unreadable: the loader reports it; the plan assumes a conversion (every byte in memory)
         return None
 
 
@@ -273,7 +338,7 @@ def dit_activations(d: DiTConfig, batch: int, latent: tuple[int, int, int, int],
 # ------------------------------------------------------------------------------------------- plan
 @dataclass
 class PlanLine:
-    section: str  # "resident" | "update" | "setup" | "host" | "sampling"
+    section: str  # "resident" | "update" | "setup" | "save" | "host" | "sampling"
     name: str
     bytes: int
     note: str = ""
@@ -284,7 +349,7 @@ class MemoryPlan:
     launch: LaunchSetup
     stage: str
     lines: list[PlanLine] = field(default_factory=list)
-    peaks: dict[str, int] = field(default_factory=dict)  # "train (checkpointing on)", "train (... off)", "setup"
+    peaks: dict[str, int] = field(default_factory=dict)  # "train (checkpointing on / off)", "setup", "save / export (rank 0)"
     checkpointing: bool = False
     reserve: int = 0
     device_memory: Optional[int] = None
@@ -299,7 +364,8 @@ class MemoryPlan:
         """The peaks the run reaches: setup and the training step at the config's checkpointing."""
         if "teacher sampling" in self.peaks:
             return ["teacher sampling"]
-        return ["setup", "train (checkpointing on)" if self.checkpointing else "train (checkpointing off)"]
+        return ["setup", "train (checkpointing on)" if self.checkpointing else "train (checkpointing off)",
+                *(["save / export (rank 0)"] if "save / export (rank 0)" in self.peaks else [])]
 
     @property
     def peak(self) -> int:
@@ -331,19 +397,22 @@ class MemoryPlan:
         titles = {"resident": "resident for the whole run",
                   "update": "transient in the largest update",
                   "setup": "setup: networks built and sharded, text encoder encoding the negative prompt",
+                  "save": "checkpoint save / export (rank 0; the host is the device)",
                   "host": "host memory (informational; not part of the device peak)",
                   "sampling": "sampling with the exported student (not part of training)"}
-        for sec in ("resident", "update", "setup", "host", "sampling"):
+        for sec in ("resident", "update", "setup", "save", "host", "sampling"):
             rows = [x for x in self.lines if x.section == sec]
             if rows:
                 out.append(f"{titles[sec]}:")
                 out += [f"  {x.name:<64}{x.bytes / GiB:>9.2f}  {x.note}" for x in rows]
         out.append("peaks:")
         for k, v in self.peaks.items():
-            mark = " <- this config" if k in self.counted and k != "setup" else ""
+            mark = " <- this config" if k in self.counted and k.startswith("train") else ""
             out.append(f"  {k:<64}{v / GiB:>9.2f}{mark}")
         if self.reserve:
-            out.append(f"  {'+ CUDA context / allocator reserve':<64}{self.reserve / GiB:>9.2f}")
+            what = ("+ CUDA context / allocator reserve" if la.device == "cuda"
+                    else "+ CPU runtime (libraries paged in, their state; measured)")
+            out.append(f"  {what:<64}{self.reserve / GiB:>9.2f}")
         out.append(f"  {'per-device peak':<64}{self.peak / GiB:>9.2f}")
         if self.device_memory is not None:
             verdict = "fits" if self.fits else "does NOT fit"
@@ -364,6 +433,14 @@ class _Net:
     dtype: str
     trainable: bool
     dit: Optional[DiTConfig] = None  # DiTs are sharded under FSDP2; other networks are replicated
+    path: str = ""  # the weight file / folder it is loaded from ("" when built from scratch)
+
+
+def _reads_mapped(net: _Net) -> bool:
+    """Whether loading ``net`` leaves its weights as mapped file pages (read when touched): its file holds exactly
+    the dtype it is loaded in (``load_into`` then assigns the mapped tensors; another dtype is converted, into new
+    memory, at load time). False for a network built from scratch or a file the plan cannot read."""
+    return bool(net.path) and dit_file_dtypes(net.path) == {net.dtype}
 
 
 def _nbytes(params: int, dtype: str) -> int:
@@ -401,13 +478,16 @@ def plan_memory(cfg, launch: LaunchSetup = LaunchSetup(), *, device_memory: Opti
     W = launch.shards
     bf16 = str(cfg.train.mixed_precision) == "bf16"
     plan = MemoryPlan(launch, str(cfg.train.stage), checkpointing=bool(cfg.model.gradient_checkpointing),
-                      reserve=CUDA_RESERVE if launch.device == "cuda" else 0, device_memory=device_memory)
+                      reserve=CUDA_RESERVE if launch.device == "cuda" else CPU_RUNTIME, device_memory=device_memory)
     B = int(cfg.train.batch_size)
     latent = latent_shape_from_config(cfg)  # [F, C, h, w]
 
-    nets = [_Net(n, counts.total, "float32", True, d) for n in roles["trainables"]]
+    init_from, teacher_path = str(cfg.train.init_from or ""), str(cfg.train.teacher_path or "")
+    lora_on = int(cfg.model.lora.rank) > 0  # adapters on shared bases (causvid/train/lora.py): not modelled as mapped
+    nets = [_Net(n, counts.total, "float32", True, d,
+                 "" if lora_on else (teacher_path if n == "critic" else init_from)) for n in roles["trainables"]]
     if roles["teacher"]:
-        nets.append(_Net("teacher", counts.total, str(cfg.model.dtype), False, d))
+        nets.append(_Net("teacher", counts.total, str(cfg.model.dtype), False, d, "" if lora_on else teacher_path))
     text_params, text_src = text_encoder_params(cfg, d) if roles["text_built"] else (0, "")
     text_dtype = str(cfg.text.dtype or ("bfloat16" if cfg.text.kind == "umt5" else "float32"))
     text = _Net("text encoder", text_params, text_dtype, False)
@@ -464,9 +544,16 @@ def plan_memory(cfg, launch: LaunchSetup = LaunchSetup(), *, device_memory: Opti
         kv = 2 * d.num_layers * B * F * S * d.dim * 4 + 2 * d.num_layers * B * d.text_len * d.dim * 4
         extra += plan.add("update", "KV + cross-attention caches (backward simulation)", kv,
                           "fp32 (the generator's parameter dtype), every latent frame")
+    if launch.device == "cpu" and W > 1 and not launch.malloc_fixed:
+        retained = plan.add("update", "glibc heap kept after FSDP2's gathered parameters are freed",
+                            (counts.root + 2 * counts.block) * (2 if bf16 else 4),
+                            "root + 2 blocks again: freed heap blocks stay resident (glibc default; not with "
+                            "MALLOC_MMAP_THRESHOLD_)")
+    else:
+        retained = 0
     step_ws = (max(_nbytes(n.params, "float32") for n in trainable) // W if launch.device == "cuda"
                else 2 * d.ffn_dim * d.dim * 4)
-    opt_moment = resident + grads + step_ws
+    opt_moment = resident + retained + grads + step_ws
     plan.add("update", "AdamW step workspace", step_ws,
              "foreach sqrt(exp_avg_sq) of one network (CUDA)" if launch.device == "cuda"
              else "per-tensor temporaries of the largest tensor (CPU for-loop AdamW)")
@@ -475,10 +562,26 @@ def plan_memory(cfg, launch: LaunchSetup = LaunchSetup(), *, device_memory: Opti
     def backward_peak(saved: int) -> int:
         # the backward frees block activations as it writes block gradients: max(saved, grads) + one block's
         # working set (both together with gradient accumulation, whose earlier micro-batches left gradients)
-        return resident + extra + work + (saved + grads if accum else max(saved, grads))
+        return resident + retained + extra + work + (saved + grads if accum else max(saved, grads))
 
     plan.peaks["train (checkpointing off)"] = max(backward_peak(acts.full), opt_moment)
     plan.peaks["train (checkpointing on)"] = max(backward_peak(acts.checkpointed), opt_moment)
+
+    # -- checkpoint save / export under FSDP2: rank 0 gathers full state dicts on the host. A checkpoint gathers them one
+    #    at a time (causvid/train/checkpoint.py save_checkpoint releases each once written), the largest being one
+    #    network's AdamW moments (2 x fp32 whole); the export (trainer._export_modules) holds every trainable's full
+    #    weights (fp32) at once. On a CPU launch the host is the device: a peak of rank 0 over its resident memory; on
+    #    GPUs a host line.
+    if W > 1:
+        full_state = max(max(2 * _nbytes(n.params, "float32") for n in trainable),
+                         sum(_nbytes(n.params, "float32") for n in trainable))
+        if launch.device == "cpu":
+            plan.add("save", "full state on rank 0 (one AdamW state / every trainable's weights)", full_state,
+                     "the larger of a checkpoint's 2 x fp32 whole of one network and the export's fp32 trainables")
+            plan.peaks["save / export (rank 0)"] = resident + retained + full_state
+        else:
+            plan.add("host", "save / export: full state on rank 0's host", full_state,
+                     "one network's AdamW state (checkpoint) or every trainable's weights (export), fp32")
 
     # -- setup. Text encoder (and VAE) are built on the device by stage.setup, the encoder encodes the negative prompt
     #    and is released unless it encodes prompts in the loop.
@@ -504,21 +607,43 @@ def plan_memory(cfg, launch: LaunchSetup = LaunchSetup(), *, device_memory: Opti
         plan.add("host", "every network whole on the host before sharding (per process)", whole_host,
                  "CPU RAM of each process while the trainer shards; a node holds it once per process "
                  "(less where the files' pages are shared: networks stored in the dtype they are loaded in)")
+    elif launch.device == "cpu" and not launch.ddp:
+        # the CPU rehearsal (the host is the device): networks whose file holds their dtype stay mapped file pages until
+        # read (_reads_mapped); the others are converted whole at load. The text encoder encodes the negative prompt
+        # before anything is sharded or run, so its phase holds only the converted networks. One process reads a
+        # mapped network at its first forward (the training step's "weights"); under FSDP2 the trainer shards one
+        # network after the other (trainables, then the teacher), each rank reading its 1/W of every tensor of a
+        # mapped network, whose pages are released once its shards are made (the trainer keeps no reference).
+        mapped = {n.name: _reads_mapped(n) for n in nets}
+        converted = 0
+        for n in nets:
+            if mapped[n.name]:
+                plan.add("setup", f"{n.name} (mapped file, read {'while sharded' if W > 1 else 'at the first forward'})",
+                         0, f"{os.path.basename(os.path.normpath(n.path))} holds {n.dtype}: nothing read at load")
+            else:
+                converted += plan.add("setup", f"{n.name} (whole)", _nbytes(n.params, n.dtype),
+                                      "built or converted at load" if n.path else "built from scratch")
+        phases = [converted + text_setup]
+        if W > 1:
+            made, whole_left = 0, converted
+            for n in nets:
+                shard = plan.add("setup", f"{n.name} (shard)", _nbytes(n.params, n.dtype) // W, f"1/{W}")
+                if mapped[n.name]:
+                    held = plan.add("setup", f"{n.name}: its 1/{W} of the mapped file, read while sharding",
+                                    _nbytes(n.params, n.dtype) // W)
+                else:
+                    held = 0  # its whole converted weights are in whole_left until its shards are made
+                phases.append(made + shard + held + whole_left + resident_text)
+                made += shard
+                whole_left -= 0 if mapped[n.name] else _nbytes(n.params, n.dtype)
+        plan.peaks["setup"] = vae_setup + max(phases)
     else:
-        # one device (or DDP): every network whole on the device, then the text encoder built there. A CPU launch
-        # (the rehearsal; device = host) under FSDP2 builds the networks whole on the host as well, then shards one
-        # network after the other, each one's whole weights held until its shards are made.
+        # one device (or DDP, whose broadcast from rank 0 writes every parameter): every network whole on the device,
+        # then the text encoder built there.
         whole = 0
         for n in nets:
             whole += plan.add("setup", f"{n.name} (whole)", _nbytes(n.params, n.dtype))
-        first_shard = 0
-        if W > 1:
-            first_shard = plan.add("setup", "a network's shard, while its whole weights are still held",
-                                   _nbytes(counts.total, "float32") // W)
-        plan.peaks["setup"] = whole + vae_setup + max(text_setup, first_shard + resident_text)
-    # A CPU launch moves to torch.device("cpu") (parallel.device_of): memory-mapped weight files are not copied, so
-    # one and several CPU processes alike map the files; pages become resident as they are read (the plan's "whole"
-    # is an upper bound for networks whose dtype matches the file's).
+        plan.peaks["setup"] = whole + vae_setup + text_setup
     if W > 1 and plan.peaks["setup"] > plan.peaks["train (checkpointing on)"]:
         plan.notes.append("the setup peak dominates: the text encoder is built whole on every device to encode the "
                           "negative prompt (causvid/train/stages.py _setup_conditioning)")
@@ -596,7 +721,7 @@ def launch_from_args(args, env: Mapping[str, str] = os.environ) -> LaunchSetup:
     fsdp = base.fsdp if getattr(args, "fsdp", None) is None else bool(args.fsdp)
     changed = world != base.world_size or fsdp != base.fsdp
     return LaunchSetup(world, fsdp, device, base.reshard_after_forward,
-                       "command line" if changed else base.source)
+                       "command line" if changed else base.source, malloc_fixed(env))
 
 
 def dry_run_plan_size(args) -> Optional[int]:

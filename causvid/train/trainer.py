@@ -294,6 +294,10 @@ class Trainer:
                 raise ValueError(f"stage '{stage.name}': trainable '{name}' has no parameter with requires_grad")
             opt = torch.optim.AdamW(params, lr=float(oc.lr), betas=(float(oc.betas[0]), float(oc.betas[1])),
                                     eps=float(oc.eps), weight_decay=float(oc.weight_decay))
+            # the optimizer holds the parameters now: no other reference to them, so that under FSDP2 a network's
+            # whole weights (memory-mapped file pages on CPUs) are released as soon as its shards are made, not
+            # while the next network is sharded (docs/memory_plan.md, setup)
+            del params
             self.base_lr[name] = float(oc.lr)
             self.wrapped[name], self.optimizers[name] = parallel.prepare_trainable(acc, module, opt)
             self.modules[name] = parallel.unwrap(acc, self.wrapped[name])
@@ -589,9 +593,11 @@ def _export_modules(acc, wrapped: Mapping[str, nn.Module], modules: Mapping[str,
             m = modules[name]
             if not hasattr(m, "cfg"):
                 raise TypeError(f"FSDP export of '{name}' needs a module rebuildable as type(m)(m.cfg)")
-            copy = type(m)(m.cfg)
-            copy.load_state_dict(sd)
+            with torch.device("meta"):  # no weights of its own: it takes the gathered tensors (no second copy)
+                copy = type(m)(m.cfg)
+            copy.load_state_dict(sd, assign=True)
             out[name] = copy
+        del sd
     return out
 
 
