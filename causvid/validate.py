@@ -5,6 +5,9 @@ this module checks it against the world and against what the networks need, for 
 
 * :func:`check_run` — the trainer (``Trainer.__init__``, hence also ``--dry-run``) and every script
   that reads weights or data named by the config;
+* :func:`check_data` — the trainer's data: ``data.path`` opens as the ``data.source`` it names (a finished
+  shard folder, a video list with captioned videos, a prompt file with prompts); only indexes and
+  listings are read, no video is decoded;
 * :func:`check_count` — a command-line size (``--num-videos``, ``--shard-size``, ``--batch-size``).
 
 (The sampler checks its own arguments — seed, prompts, schedule, steps — in ``causvid.sampler.streaming``.)
@@ -23,13 +26,22 @@ from omegaconf import OmegaConf
 
 from causvid.config import ConfigError
 
-__all__ = ["PATH_KEYS", "TRAIN_PATH_KEYS", "check_run", "check_paths", "check_output_dir", "check_sizes", "check_count"]
+__all__ = ["PATH_KEYS", "TRAIN_PATH_KEYS", "DATA_PATH_SOURCES", "train_path_keys", "check_run", "check_data", "check_paths", "check_output_dir", "check_sizes", "check_count"]
 
 # Config keys that name a file or folder that must exist when set.
 PATH_KEYS = ("train.init_from", "train.teacher_path", "vae.path", "text.path", "text.tokenizer_path",
              "data.path", "ode_pairs.prompts")
 # The ones the trainer reads (ode_pairs.prompts is build_ode_pairs.py's: a training config may carry it unused).
 TRAIN_PATH_KEYS = tuple(k for k in PATH_KEYS if k != "ode_pairs.prompts")
+# The data sources that read data.path (toyworld renders its videos: a data.path left over from a config it
+# overrides, e.g. configs/toy/teacher.yaml's latent folder with data.source=toyworld, is not read).
+DATA_PATH_SOURCES = ("latents", "ode_pairs", "videos", "prompts")
+
+
+def train_path_keys(cfg) -> tuple[str, ...]:
+    """The path keys the trainer reads with this config."""
+    reads_data = str(OmegaConf.select(cfg, "data.source")) in DATA_PATH_SOURCES
+    return tuple(k for k in TRAIN_PATH_KEYS if reads_data or k != "data.path")
 
 
 def check_paths(cfg, keys: Iterable[str] = PATH_KEYS) -> None:
@@ -49,6 +61,8 @@ def check_output_dir(path: str, key: str = "train.output_dir") -> None:
         if os.path.exists(p):
             if not os.path.isdir(p):
                 raise ConfigError(f"config key '{key}' = {str(path)!r}: {p} exists and is not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ConfigError(f"config key '{key}' = {str(path)!r}: {p} is not writable")
             return
         parent = os.path.dirname(p)
         if parent == p:
@@ -96,6 +110,32 @@ def check_run(cfg, *, paths: Iterable[str] = PATH_KEYS, output_key: Optional[str
     check_paths(cfg, paths)
     if output_key:
         check_output_dir(str(OmegaConf.select(cfg, output_key)), output_key)
+
+
+def check_data(cfg) -> None:
+    """``data.path`` opens as the data ``data.source`` names (indexes and listings only, nothing decoded)."""
+    src, path = str(cfg.data.source), cfg.data.path
+    if src not in DATA_PATH_SOURCES or not path:
+        return  # a source without a path is the stage's check (Stage.check_config names the key)
+    from causvid.data.shards import LatentShardDataset, ODEPairDataset, ShardError
+
+    try:
+        if src == "latents":
+            LatentShardDataset(str(path))
+        elif src == "ode_pairs":
+            ODEPairDataset(str(path))
+        elif src == "videos":
+            from causvid.data.video import video_dataset_from_config
+
+            video_dataset_from_config(cfg.data)
+        else:
+            from causvid.data.prompts import read_prompts
+
+            if not read_prompts(str(path)):
+                raise ValueError("the prompt file holds no prompt")
+    except (ShardError, ValueError, OSError, KeyError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"config key 'data.path' = {str(path)!r} (data.source={src}): {msg}") from None
 
 
 def check_count(name: str, value: Optional[int], *, minimum: int = 1, available: Optional[int] = None) -> None:

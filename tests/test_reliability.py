@@ -105,7 +105,7 @@ def _fake_ckpt(root: Path, step: int, complete: bool) -> Path:
     p.mkdir(parents=True)
     (p / "trainer_state.json").write_text(json.dumps({"step": step}))
     if complete:
-        (p / ckpt.COMPLETE).write_text("ok")
+        (p / ckpt.COMPLETE).write_text(f"step {step} 2026-01-01T00:00:00\n")  # a marker from before manifests
     return p
 
 

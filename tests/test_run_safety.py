@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -303,6 +304,10 @@ def _train_cases(tmp):
     a_file = tmp / "a_file"
     a_file.write_text("x")
     missing = str(tmp / "missing.safetensors")
+    empty = tmp / "no_videos"
+    empty.mkdir(exist_ok=True)
+    no_prompts = tmp / "prompts.txt"
+    no_prompts.write_text("# only a comment\n\n")
     return [
         (["train.stage=teacher", "data.height=0"], "data.height"),
         (["train.stage=teacher", "data.width=-16"], "data.width"),
@@ -317,6 +322,11 @@ def _train_cases(tmp):
         (["train.stage=teacher", f"train.output_dir={a_file}"], "train.output_dir"),
         (["train.stage=teacher", f"train.output_dir={a_file}/sub"], "train.output_dir"),
         (["train.stage=teacher", "data.max_bad_fraction=2"], "data.max_bad_fraction"),
+        # a data path that exists but is not what data.source reads (found before, not after, the build)
+        (["train.stage=teacher", "data.source=latents", f"data.path={tmp}"], "data.path"),
+        (["train.stage=teacher", "data.source=videos", f"data.path={empty}"], "data.path"),
+        (["train.stage=dmd", f"train.init_from={a_file}", f"train.teacher_path={a_file}", "data.source=prompts",
+          f"data.path={no_prompts}"], "data.path"),
     ]
 
 
@@ -504,6 +514,77 @@ def test_random_sigkills_including_saves_and_pruning_end_equal_to_an_uninterrupt
             str(out / "final" / f"{name}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert ckpt_names(out) == ["checkpoint-399", "checkpoint-400"]  # pruning caught up with every leftover
+
+
+def test_a_data_path_the_source_does_not_read_is_not_checked(tmp_path):
+    """configs/toy/teacher.yaml names a latent folder; with data.source=toyworld it is not read, so a missing one
+    must not stop the run (the hand tries of the verification pass found this)."""
+    over = [f"train.output_dir={tmp_path / 'o'}", "train.stage=teacher", *TINY, f"data.path={tmp_path / 'nope'}"]
+    Trainer(load_config(None, over + ["data.source=toyworld"]))
+    with pytest.raises(ConfigError, match="data.path"):
+        Trainer(load_config(None, over + ["data.source=latents"]))
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line_before_anything_is_built(tmp_path, capsys, nothing_built):
+    from causvid.train.run_lock import RunLock, RunLockError
+
+    with pytest.raises(RunLockError, match=r"cannot create run.lock"):
+        RunLock("/proc/causvid-no-such-dir/run").acquire()
+    rc = main(["train.output_dir=/proc/causvid-no-such-dir/run", "train.stage=teacher", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "cannot create run.lock" in err, (rc, err)
+
+
+def test_a_weight_file_that_does_not_read_is_one_line_exit_2(tmp_path, capsys):
+    """It exists (so the pre-flight pass lets it through) but holds no weights: found while building, still one line."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    rc = main([f"train.output_dir={tmp_path / 'o'}", "train.stage=teacher", *TINY, f"train.init_from={junk}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and err.startswith("error: ") and "junk.safetensors" in err, (rc, err)
+
+
+def test_a_damaged_complete_marker_is_an_error_not_a_legacy_marker(tmp_path, caplog):
+    out = tmp_path / "run"
+    run(make_cfg(out, **{"train.max_steps": 4, "train.checkpoint_every": 2}), stage=DummyStage(None))
+    marker = out / "checkpoint-4" / ckpt.COMPLETE
+    for damaged in (marker.read_bytes()[:-20], b"\xff\xfe" + marker.read_bytes()):  # cut short; not UTF-8
+        marker.write_bytes(damaged)
+        with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-4: COMPLETE is corrupt"):
+            ckpt.resolve_resume(str(out), str(out / "checkpoint-4"))
+        assert ckpt.resolve_resume(str(out), "latest") == str(out / "checkpoint-2")  # the fallback
+    marker.write_text("step 4 2025-01-01T00:00:00\n")  # written before manifests: accepted, unverified
+    assert ckpt.resolve_resume(str(out), "latest") == str(out / "checkpoint-4")
+
+
+def test_bad_sample_cli_arguments_are_one_line_exit_2_before_any_weight_is_read(tmp_path, capsys, monkeypatch):
+    from causvid.models.weights import WeightsError
+    from causvid.sampler import cli
+
+    def boom(args):
+        raise AssertionError("weights were read before the arguments were checked")
+
+    monkeypatch.setattr(cli, "build_sampler", boom)
+    base = ["--model", str(tmp_path), "--prompt", "a red circle", "--out", str(tmp_path / "s.mp4")]
+    cases = [(["--num-chunks", "0"], "--num-chunks"), (["--num-frames", "6"], "--num-frames"),
+             (["--steps", "1200,500"], r"--steps must lie in \[0, 1000\]"), (["--steps", "900,x"], "--steps"),
+             (["--num-chunks", "3", "--switch", "5:a blue square"], "past the stream's end"),
+             (["--switch", "two:a blue square"], "--switch"), (["--t-start", "-1"], "--t-start"),
+             (["--overlap", "--rollouts", "0"], "--rollouts"), (["--window", "-2"], "--window")]
+    for extra, what in cases:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(base + extra)
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and err.count("\n") == 0 and re.search(what, err), (extra, err)
+
+    def unreadable(args):
+        raise WeightsError(f"{args.model} is not an export folder: config.yaml is missing")
+
+    monkeypatch.setattr(cli, "build_sampler", unreadable)  # an error found while loading: one line as well
+    with pytest.raises(SystemExit) as exc:
+        cli.main(base)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.count("\n") == 0 and "not an export folder" in err
 
 
 def test_training_does_not_check_the_ode_pair_builders_prompt_file(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 USAGE = """Sample videos with a trained causal student (scripts/sample.py) over :class:`causvid.sampler.CausalSampler`.
 
@@ -134,10 +135,52 @@ def output_paths(out: str, n: int) -> list[str]:
     return [os.path.join(out, f"sample_{i:03d}.mp4") for i in range(n)]
 
 
+def check_args(args) -> None:
+    """What can be checked before any weight is read; ValueError naming the option."""
+    if args.num_chunks is not None and args.num_chunks < 1:
+        raise ValueError(f"--num-chunks must be >= 1, got {args.num_chunks}")
+    if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % 4):
+        raise ValueError(f"--num-frames must be 1 + 4n (>= 1), got {args.num_frames}")
+    if args.steps:
+        try:
+            steps = [float(s) for s in args.steps.split(",")]
+        except ValueError:
+            raise ValueError(f"--steps must be comma-separated numbers, got {args.steps!r}") from None
+        if not all(0.0 <= s <= 1000.0 for s in steps):  # config.schedule.num_train_timesteps (1000 in every config)
+            raise ValueError(f"--steps must lie in [0, 1000], got {args.steps}")
+    if args.t_start is not None and not 0.0 <= args.t_start <= 1000.0:
+        raise ValueError(f"--t-start must lie in [0, 1000], got {args.t_start}")
+    for item in args.switch:
+        chunk, _, text = item.partition(":")
+        if not chunk.strip().isdigit() or not text:
+            raise ValueError(f"--switch {item!r}: expected CHUNK:PROMPT, e.g. 4:a blue square")
+        if args.num_chunks is not None and int(chunk) >= args.num_chunks:
+            raise ValueError(f"--switch {item!r}: chunk {int(chunk)} lies past the stream's end "
+                             f"(--num-chunks {args.num_chunks})")
+    for opt in ("rollouts", "window", "sink"):
+        v = getattr(args, opt)
+        if v is not None and v < (1 if opt == "rollouts" else 0):
+            raise ValueError(f"--{opt} must be >= {1 if opt == 'rollouts' else 0}, got {v}")
+
+
 def main(argv=None) -> list[str]:
-    import numpy as np
+    """The CLI: bad input is one line on stderr and exit status 2 (arguments are checked before any weight is
+    read; what needs the model's config, e.g. a --switch past --num-frames, right after loading)."""
+    from causvid.config import ConfigError
+    from causvid.models.weights import WeightsError
 
     args = parse_args(argv)
+    try:
+        check_args(args)
+        return _sample(args)
+    except (ValueError, ConfigError, WeightsError, FileNotFoundError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _sample(args) -> list[str]:
+    import numpy as np
+
     prompts = read_prompt_list(args)
     if args.switch and len(prompts) != 1:
         raise SystemExit("--switch needs exactly one prompt")
@@ -148,8 +191,6 @@ def main(argv=None) -> list[str]:
         spec = {0: prompts[0]}
         for item in args.switch:
             chunk, _, text = item.partition(":")
-            if not chunk.strip().isdigit() or not text:
-                raise SystemExit(f"--switch {item!r}: expected CHUNK:PROMPT, e.g. 4:a blue square")
             spec[int(chunk)] = text
     kw = {}
     if args.image:

@@ -291,24 +291,30 @@ def verify(path: str) -> None:
     """Check every file of checkpoint ``path`` against the manifest in its ``COMPLETE`` marker.
 
     Raises :class:`CheckpointError` naming the first bad file. A marker from before manifests
-    (plain text) is accepted unverified.
+    (``step <N> <time>``, plain text) is accepted unverified; any other marker that is not a manifest
+    (a damaged one) is an error, never a reason to skip the checksums.
     """
     marker = os.path.join(path, COMPLETE)
     try:
         st = os.stat(marker)
-        with open(marker) as f:
-            text = f.read()
+        with open(marker, "rb") as f:
+            text = f.read().decode("utf-8")
     except OSError as err:
         raise CheckpointError(f"checkpoint {path}: cannot read {COMPLETE}: {err}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"checkpoint {path}: {COMPLETE} is corrupt (not text)") from None
     key = (os.path.abspath(path), st.st_ino, st.st_mtime_ns)
     if key in _VERIFIED:  # this process already read every file of this very checkpoint
         return
     try:
         manifest = json.loads(text)
     except ValueError:
-        return  # a legacy marker without checksums
+        if _LEGACY_MARKER.fullmatch(text):
+            return  # a marker from before manifests: nothing to check against
+        raise CheckpointError(f"checkpoint {path}: {COMPLETE} is corrupt (neither a manifest nor a "
+                              f"'step <N> <time>' marker)") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
+    if not isinstance(files, dict) or not all(isinstance(w, dict) for w in files.values()):
         raise CheckpointError(f"checkpoint {path}: {COMPLETE} holds no file list")
     for name, want in files.items():
         file = os.path.join(path, name)
@@ -320,6 +326,7 @@ def verify(path: str) -> None:
 
 
 _VERIFIED: set[tuple] = set()  # (path, marker inode, marker mtime) verified by this process
+_LEGACY_MARKER = re.compile(r"step \d+ \S+\n?")  # what save_checkpoint wrote before manifests
 
 
 # -------------------------------------------------------------------------------------- config hash

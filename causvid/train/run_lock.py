@@ -56,8 +56,12 @@ class RunLock:
             return self
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise RunLockError(f"train.output_dir {self.folder} exists and is not a folder")
-        os.makedirs(self.folder, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # read-only, permission, a missing parent the kernel refuses to create
+            raise RunLockError(f"train.output_dir {self.folder}: cannot create {LOCK_NAME} there "
+                               f"({err.strerror or err})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -44,7 +44,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from causvid.config import ConfigError, load_config, validate
-from causvid.validate import TRAIN_PATH_KEYS, check_run
+from causvid.data.shards import ShardError
+from causvid.models.weights import WeightsError
+from causvid.validate import check_data, check_run, train_path_keys
 
 from . import checkpoint as ckpt
 from . import memory_plan, parallel
@@ -67,9 +69,11 @@ class NonFiniteError(RuntimeError):
 # ------------------------------------------------------------------------------------------ config
 def check_train_config(cfg: DictConfig) -> None:
     """Trainer-level checks on top of :func:`causvid.config.validate` and the pre-flight
-    :func:`causvid.validate.check_run` (paths, sizes, ranges); raise ConfigError naming the key."""
+    :func:`causvid.validate.check_run` (paths, sizes, ranges) and :func:`causvid.validate.check_data` (the data
+    folder opens as its source); raise ConfigError naming the key."""
     validate(cfg)
-    check_run(cfg, paths=TRAIN_PATH_KEYS)
+    check_run(cfg, paths=train_path_keys(cfg))
+    check_data(cfg)
     t = cfg.train
     rules = [
         (t.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only the final checkpoint)"),
@@ -666,7 +670,11 @@ def main(argv: Optional[Sequence[str]] = None, *, allowed_stages: Optional[Seque
     except (RunLockError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except (WeightsError, ShardError) as err:  # a weight / data file that exists but does not read as one
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if trainer.main:
         print(json.dumps(summary, default=str))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
