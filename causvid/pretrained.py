@@ -34,6 +34,7 @@ TOY_MODELS = {
     "teacher": ("teacher", "model.safetensors"),
     "causal_teacher": ("causal_teacher", "model.safetensors"),
 }
+REQUIRED = ("text", "vae", "teacher")  # what the quickstart's default path needs; the others are optional
 PROVENANCE_KEYS = ("model", "files", "command", "commit", "steps", "wall_seconds", "machine", "made", "scores")
 
 
@@ -85,7 +86,7 @@ def toy_model_path(name: str, root: str | os.PathLike = TOY_DIR, check: bool = T
     return folder if name.endswith("teacher") else os.path.join(folder, file)
 
 
-def available(root: str | os.PathLike = TOY_DIR, names: Sequence[str] = tuple(TOY_MODELS)) -> bool:
+def available(root: str | os.PathLike = TOY_DIR, names: Sequence[str] = REQUIRED) -> bool:
     """Whether every model of ``names`` has a provenance file under ``root`` (not verified)."""
     return all(os.path.isfile(os.path.join(root, TOY_MODELS[n][0], PROVENANCE)) for n in names)
 
@@ -128,6 +129,11 @@ def update_scores(out: str | os.PathLike, scores: Mapping[str, Any]) -> dict:
     prov["scores"] = {**prov["scores"], **scores}
     _write_provenance(out, prov)
     return prov
+
+
+def shipped(root: str | os.PathLike = TOY_DIR) -> list[str]:
+    """The models of :data:`TOY_MODELS` that have a folder with a provenance file under ``root``."""
+    return [n for n in TOY_MODELS if available(root, [n])]
 
 
 def total_bytes(root: str | os.PathLike = TOY_DIR) -> int:

@@ -10,12 +10,14 @@ import torch
 
 from causvid.pretrained import (
     PROVENANCE,
+    REQUIRED,
     TOY_DIR,
     TOY_MODELS,
     PretrainedError,
     available,
     package,
     read_provenance,
+    shipped,
     total_bytes,
     toy_model_path,
     update_scores,
@@ -91,12 +93,13 @@ def test_export_folder_paths_may_be_relative_to_the_folder(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------------------ the shipped files
-shipped = pytest.mark.skipif(not available(), reason="no shipped toy models in pretrained/toy")
+needs_shipped = pytest.mark.skipif(not available(), reason="no shipped toy models in pretrained/toy")
 
 
-@shipped
+@needs_shipped
 def test_shipped_files_match_their_provenance_and_fit_the_budget():
-    for name in TOY_MODELS:
+    assert set(REQUIRED) <= set(shipped())
+    for name in shipped():
         sub = TOY_MODELS[name][0]
         prov = verify(os.path.join(TOY_DIR, sub))
         assert prov["model"] == name and prov["commit"] and prov["command"]
@@ -104,7 +107,7 @@ def test_shipped_files_match_their_provenance_and_fit_the_budget():
     assert total_bytes() <= 25 * 2**20
 
 
-@shipped
+@needs_shipped
 def test_shipped_teacher_reproduces_its_recorded_score():
     """The first held-out prompts sampled as recorded (seeds, steps, CFG): per-prompt totals within 0.05."""
     from causvid.eval import toy_eval as E
