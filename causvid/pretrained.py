@@ -116,11 +116,9 @@ def package(model: str, files: Mapping[str, str], out: str | os.PathLike, *, com
 
 
 def _write_provenance(out: str | os.PathLike, prov: dict) -> None:
-    tmp = os.path.join(out, PROVENANCE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(prov, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, os.path.join(out, PROVENANCE))
+    from causvid.train.checkpoint import atomic_write_json
+
+    atomic_write_json(os.path.join(out, PROVENANCE), prov)
 
 
 def update_scores(out: str | os.PathLike, scores: Mapping[str, Any]) -> dict:

@@ -52,7 +52,7 @@ def _json(path: str) -> dict:
 
 
 def _wall_seconds(run: str) -> Optional[float]:
-    """Training wall time of a trainer run: the sum of its ``losses.jsonl`` step times when recorded."""
+    """Training wall time: ``metrics.json``'s ``train_seconds``, else the sum of ``losses.jsonl``'s step times."""
     m = _json(os.path.join(run, "metrics.json"))
     if "train_seconds" in m:
         return float(m["train_seconds"])
@@ -60,9 +60,9 @@ def _wall_seconds(run: str) -> Optional[float]:
     if os.path.isfile(path):
         with open(path) as f:
             recs = [json.loads(line) for line in f if line.strip()]
-        t = [r["time"] for r in recs if isinstance(r.get("time"), (int, float))]
-        if len(t) >= 2:
-            return round(t[-1] - t[0], 1)
+        t = [r["step_time"] for r in recs if isinstance(r.get("step_time"), (int, float))]
+        if t:
+            return round(sum(t), 1)
     return None
 
 
@@ -96,8 +96,9 @@ def teacher_scores(folder: str, n: int) -> dict:
     seeds = [TEACHER_EVAL["seed0"] + i for i in range(n)]
     guidance = float(runner.cfg.ode_pairs.guidance)
     videos, _ = runner.generate(prompts, seeds, num_steps=TEACHER_EVAL["num_steps"], guidance=guidance)
-    per = [M.score_video(v, p, fps=runner.cfg.data.fps)["total"] for v, p in zip(videos, prompts)]
-    agg = E.score(videos, prompts, runner.cfg.data.fps)
+    per_video = [M.score_video(v, p, fps=runner.cfg.data.fps) for v, p in zip(videos, prompts)]
+    per = [s["total"] for s in per_video]
+    agg = M.aggregate(per_video)  # = E.score, without scoring every video twice
     return {**{k: round(agg["mean"][k], 4) for k in E.GROUP_KEYS}, "per_prompt_total": [round(x, 4) for x in per],
             "eval": {"videos": n, "seeds": f"{seeds[0]}..{seeds[-1]}", "num_steps": TEACHER_EVAL["num_steps"],
                      "guidance": guidance, "shift": float(runner.cfg.ode_pairs.shift)}}
